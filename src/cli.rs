@@ -1,0 +1,102 @@
+//! Command-line definitions (clap derive). The contract is in DESIGN.md and man/vmref.1.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "vmref",
+    version,
+    about = "Resilient change tracking, reference points and point-in-time images for raw VM disks"
+)]
+pub struct Cli {
+    /// The store directory (else $VMREF_STORE, else the config's `store`, else /var/lib/vmref)
+    #[arg(long, global = true, value_name = "DIR")]
+    pub store: Option<PathBuf>,
+    /// Config file (else /etc/vmref/config.toml when present)
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// More log output (repeat for more)
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Only errors; no progress bars
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create the store
+    Init {
+        /// Change-tracking block size: a power of two from 4K to 4M
+        #[arg(long, value_name = "SIZE")]
+        block_size: Option<String>,
+    },
+    /// Register, list or remove disks
+    #[command(subcommand)]
+    Disk(DiskCmd),
+    /// Create, list, show, demote or delete reference points
+    #[command(subcommand)]
+    Ref(RefCmd),
+    /// Changed byte extents since a reference point
+    Changes {
+        #[arg(long, value_name = "REF")]
+        since: String,
+        #[arg(long, value_name = "NAME")]
+        disk: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The store, its disks and their tracking state
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DiskCmd {
+    /// Register IMAGE as disk NAME and start tracking it
+    Add { name: String, image: PathBuf },
+    /// List registered disks
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop tracking a disk (its image is left alone)
+    Remove { name: String },
+}
+
+#[derive(Debug, Args)]
+pub struct Json {
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RefCmd {
+    /// Create a reference point (metadata only)
+    Create {
+        name: String,
+        #[arg(long)]
+        owner: Option<String>,
+    },
+    /// List reference points, oldest first
+    List {
+        #[arg(long)]
+        owner: Option<String>,
+        #[command(flatten)]
+        json: Json,
+    },
+    /// Show one reference point
+    Show {
+        name: String,
+        #[command(flatten)]
+        json: Json,
+    },
+    /// Delete a reference point
+    Delete { name: String },
+}

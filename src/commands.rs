@@ -1,0 +1,233 @@
+//! The commands: each turns parsed arguments into library calls and prints the result, as
+//! text or as one JSON document with `--json`.
+
+use std::io::Write;
+
+use serde_json::Value;
+
+use crate::cli::{Cli, Command, DiskCmd, RefCmd};
+use crate::config::Config;
+use crate::control::{self, Request};
+use crate::error::{Error, Result};
+use crate::store::records::RefRecord;
+use crate::store::{self, DEFAULT_BLOCK_SIZE, Store};
+
+/// Run one parsed command.
+///
+/// # Errors
+/// Whatever the command reports; the caller prints it as one line.
+pub fn run(cli: Cli) -> Result<()> {
+    let config = Config::load(cli.config.as_deref())?;
+    let root = config.store_path(cli.store.as_deref());
+    let out = &mut std::io::stdout().lock();
+    match cli.command {
+        Command::Init { block_size } => {
+            let bs = match block_size.or(config.block_size.clone()) {
+                Some(s) => store::parse_block_size(&s)?,
+                None => DEFAULT_BLOCK_SIZE,
+            };
+            let s = Store::init(&root, bs)?;
+            emit(out, format!("initialized store {} (block size {})", s.root().display(), human(bs as u64)))
+        }
+        Command::Disk(DiskCmd::Add { name, image }) => {
+            let s = Store::open(&root)?;
+            control::run(&s, &Request::DiskAdd { name: name.clone(), image })?;
+            emit(out, format!("disk {name} added"))
+        }
+        Command::Disk(DiskCmd::List { json }) => {
+            let s = Store::open(&root)?;
+            let disks = s.disks()?;
+            if json {
+                return print_json(out, &serde_json::to_value(&disks).expect("serializes"));
+            }
+            for d in disks {
+                let size = std::fs::metadata(&d.image).map(|m| human(m.len())).unwrap_or_else(|_| "missing".into());
+                emit(out, format!("{}\t{}\t{}", d.name, size, d.image.display()))?;
+            }
+            Ok(())
+        }
+        Command::Disk(DiskCmd::Remove { name }) => {
+            let s = Store::open(&root)?;
+            control::run(&s, &Request::DiskRemove { name: name.clone() })?;
+            emit(out, format!("disk {name} removed (its image is untouched)"))
+        }
+        Command::Ref(RefCmd::Create { name, owner }) => {
+            let s = Store::open(&root)?;
+            let v = control::run(&s, &Request::RefCreate { name, owner, checkpoint: false })?;
+            let r: RefRecord = serde_json::from_value(v).map_err(|e| Error::Daemon(e.to_string()))?;
+            emit(out, format!("created reference point {} ({})", r.name, seqs(&r)))
+        }
+        Command::Ref(RefCmd::List { owner, json }) => {
+            let s = Store::open(&root)?;
+            let refs: Vec<RefRecord> = s
+                .refs()?
+                .into_iter()
+                .filter(|r| owner.is_none() || r.owner == owner)
+                .collect();
+            if json.json {
+                return print_json(out, &serde_json::to_value(&refs).expect("serializes"));
+            }
+            emit(out, format!("{:<24} {:<10} {:<12} {:<20} SEQUENCE", "NAME", "STATE", "OWNER", "CREATED"))?;
+            for r in &refs {
+                emit(out, format!(
+                    "{:<24} {:<10} {:<12} {:<20} {}",
+                    r.name,
+                    state_name(r),
+                    r.owner.as_deref().unwrap_or("-"),
+                    rfc3339(r.created_unix),
+                    seqs(r)
+                ))?;
+            }
+            Ok(())
+        }
+        Command::Ref(RefCmd::Show { name, json }) => {
+            let s = Store::open(&root)?;
+            let r = s.read_ref(&name)?;
+            if json.json {
+                return print_json(out, &serde_json::to_value(&r).expect("serializes"));
+            }
+            emit(out, format!("name:     {}", r.name))?;
+            emit(out, format!("id:       {}", r.id))?;
+            emit(out, format!("created:  {}", rfc3339(r.created_unix)))?;
+            emit(out, format!("owner:    {}", r.owner.as_deref().unwrap_or("-")))?;
+            emit(out, format!("state:    {}", state_name(&r)))?;
+            for (d, p) in &r.disks {
+                emit(out, format!("disk:     {d} seq {} size {}", p.seq, p.size))?;
+            }
+            if let Some(b) = &r.backup {
+                emit(out, format!(
+                    "backup:   {} {} blocks, {} stored{}",
+                    b.kind,
+                    b.stored_blocks,
+                    human(b.stored_bytes),
+                    b.since.as_ref().map(|s| format!(", since {s}")).unwrap_or_default()
+                ))?;
+            }
+            Ok(())
+        }
+        Command::Ref(RefCmd::Delete { name }) => {
+            let s = Store::open(&root)?;
+            control::run(&s, &Request::RefDelete { name: name.clone() })?;
+            emit(out, format!("deleted reference point {name}"))
+        }
+        Command::Changes { since, disk, json } => {
+            let s = Store::open(&root)?;
+            let v = control::run(&s, &Request::Changes { since: since.clone(), disk })?;
+            if json {
+                return print_json(out, &serde_json::json!({"since": since, "disks": v}));
+            }
+            for d in v.as_array().into_iter().flatten() {
+                let name = d["disk"].as_str().unwrap_or("?");
+                if d["in_point"] == Value::Bool(false) {
+                    emit(out, format!("# {name}: not registered when {since} was created: all of it is new"))?;
+                }
+                for e in d["extents"].as_array().into_iter().flatten() {
+                    emit(out, format!("{name}\t{}\t{}", e["offset"], e["length"]))?;
+                }
+            }
+            Ok(())
+        }
+        Command::Status { json } => {
+            let s = Store::open(&root)?;
+            let v = control::run(&s, &Request::Status)?;
+            if json {
+                return print_json(out, &v);
+            }
+            emit(out, format!("store:      {}", s.root().display()))?;
+            emit(out, format!("block size: {}", human(s.block_size() as u64)))?;
+            emit(out, format!("points:     {} ({} restorable)", v["refs"], v["restorable"]))?;
+            for d in v["disks"].as_array().into_iter().flatten() {
+                emit(out, format!(
+                    "disk {}: {} bytes, {}, seq {}, tracking {}",
+                    d["name"].as_str().unwrap_or("?"),
+                    d["size"],
+                    d["image"].as_str().unwrap_or("?"),
+                    d["current_seq"],
+                    d["tracking"].as_str().unwrap_or("?")
+                ))?;
+            }
+            Ok(())
+        }
+    }
+}
+
+fn emit(out: &mut impl Write, line: String) -> Result<()> {
+    writeln!(out, "{line}").map_err(Error::io("write", "stdout"))
+}
+
+fn print_json(out: &mut impl Write, v: &Value) -> Result<()> {
+    emit(out, serde_json::to_string_pretty(v).expect("serializes"))
+}
+
+fn state_name(r: &RefRecord) -> &'static str {
+    match r.state {
+        crate::store::records::RefState::Plain => "plain",
+        crate::store::records::RefState::Checkpoint => "checkpoint",
+        crate::store::records::RefState::Restorable => "restorable",
+    }
+}
+
+fn seqs(r: &RefRecord) -> String {
+    if r.disks.is_empty() {
+        return "no disks".into();
+    }
+    r.disks
+        .iter()
+        .map(|(d, p)| format!("{d}@{}", p.seq))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Bytes as a short human figure (binary units).
+pub fn human(n: u64) -> String {
+    const U: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = n as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < U.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{n} B")
+    } else if v.fract() == 0.0 {
+        format!("{v:.0} {}", U[i])
+    } else {
+        format!("{v:.1} {}", U[i])
+    }
+}
+
+/// Unix seconds as `YYYY-MM-DDTHH:MM:SSZ`.
+pub fn rfc3339(secs: u64) -> String {
+    let days = (secs / 86400) as i64;
+    let rem = secs % 86400;
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates_and_sizes() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(1_795_000_000), "2026-11-18T11:06:40Z");
+        assert_eq!(human(65536), "64 KiB");
+        assert_eq!(human(1536), "1.5 KiB");
+        assert_eq!(human(12), "12 B");
+    }
+}

@@ -1,0 +1,88 @@
+//! The config file (TOML). Every key is optional; `config.example.toml` documents each one
+//! with its default. Found by `--config FILE`, else `/etc/vmref/config.toml` when present.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+use crate::format::FormatError;
+
+pub const SYSTEM_CONFIG: &str = "/etc/vmref/config.toml";
+pub const DEFAULT_STORE: &str = "/var/lib/vmref";
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The store directory.
+    pub store: Option<PathBuf>,
+    /// Block size `vmref init` uses when `--block-size` is not given.
+    pub block_size: Option<String>,
+    /// Seconds between lazy flushes of tracking state while mounted.
+    pub flush_interval_secs: Option<u64>,
+    /// Mount with allow_other even without `--allow-other`.
+    pub allow_other: Option<bool>,
+}
+
+impl Config {
+    /// Load the config: the named file (which must exist), else the system file if present.
+    ///
+    /// # Errors
+    /// A missing named file or a file that is not valid TOML for these keys.
+    pub fn load(explicit: Option<&Path>) -> Result<Config> {
+        let path = match explicit {
+            Some(p) => p.to_path_buf(),
+            None if Path::new(SYSTEM_CONFIG).exists() => PathBuf::from(SYSTEM_CONFIG),
+            None => return Ok(Config::default()),
+        };
+        let text = std::fs::read_to_string(&path).map_err(Error::io("read config", &path))?;
+        Self::parse(&text).map_err(|why| Error::Format {
+            path,
+            source: FormatError::Invalid {
+                what: "config",
+                why,
+            },
+        })
+    }
+
+    pub fn parse(text: &str) -> std::result::Result<Config, String> {
+        toml::from_str(text).map_err(|e| e.message().to_string())
+    }
+
+    /// `--store`, else `$VMREF_STORE`, else the config's `store`, else the default.
+    pub fn store_path(&self, flag: Option<&Path>) -> PathBuf {
+        if let Some(p) = flag {
+            return p.to_path_buf();
+        }
+        if let Some(p) = std::env::var_os("VMREF_STORE").filter(|v| !v.is_empty()) {
+            return PathBuf::from(p);
+        }
+        self.store
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_STORE))
+    }
+
+    pub fn flush_interval(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.flush_interval_secs.unwrap_or(5).max(1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_config_parses_and_unknown_keys_fail() {
+        let ex = include_str!("../config.example.toml");
+        let c = Config::parse(ex).unwrap();
+        assert_eq!(c, Config::default(), "the example only has comments");
+        let uncommented: String = ex
+            .lines()
+            .map(|l| l.strip_prefix("# ").filter(|r| r.contains(" = ")).unwrap_or(""))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let c = Config::parse(&uncommented).unwrap();
+        assert_eq!(c.store.as_deref(), Some(Path::new(DEFAULT_STORE)));
+        assert!(Config::parse("nope = 1").is_err());
+    }
+}

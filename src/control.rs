@@ -1,0 +1,200 @@
+//! The control protocol: what a command asks of the store's owner, carried out by
+//! `execute` either in the command's own process (no daemon) or in the mounted daemon, which
+//! receives the same request as one JSON line on `STORE/control.sock` and answers with one
+//! JSON line `{"ok": …}` or `{"error": "…"}`. One code path, two transports.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use crate::store::Store;
+use crate::store::records::RefState;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum Request {
+    RefCreate {
+        name: String,
+        owner: Option<String>,
+        checkpoint: bool,
+    },
+    RefDelete {
+        name: String,
+    },
+    Changes {
+        since: String,
+        disk: Option<String>,
+    },
+    DiskAdd {
+        name: String,
+        image: PathBuf,
+    },
+    DiskRemove {
+        name: String,
+    },
+    Status,
+    Ping,
+}
+
+/// Carry out a request on the engine.
+///
+/// # Errors
+/// Whatever the operation reports.
+pub fn execute(engine: &Engine, req: &Request) -> Result<Value> {
+    let store = engine.store();
+    Ok(match req {
+        Request::RefCreate {
+            name,
+            owner,
+            checkpoint,
+        } => {
+            if *checkpoint {
+                return Err(Error::Refused(
+                    "checkpoints need the backup engine, which this build lacks".into(),
+                ));
+            }
+            json!(engine.ref_create(name, owner.as_deref(), RefState::Plain)?)
+        }
+        Request::RefDelete { name } => json!(engine.ref_delete(name)?),
+        Request::Changes { since, disk } => json!(engine.changes(since, disk.as_deref())?),
+        Request::DiskAdd { name, image } => json!(engine.disk_add(name, image)?),
+        Request::DiskRemove { name } => {
+            engine.disk_remove(name)?;
+            json!(null)
+        }
+        Request::Status => status(engine)?,
+        Request::Ping => json!({"pid": std::process::id(), "store": store.root()}),
+    })
+}
+
+fn status(engine: &Engine) -> Result<Value> {
+    let store = engine.store();
+    let refs = store.refs()?;
+    let disks: Vec<Value> = engine
+        .disks()
+        .iter()
+        .map(|d| {
+            let t = d.tracker();
+            json!({
+                "name": d.name(),
+                "image": d.image(),
+                "size": d.size(),
+                "block_size": t.block_size(),
+                "current_seq": t.current_seq(),
+                "tracked_since_seq": t.base_seq(),
+                "tracking": match &t.report().lost {
+                    Some(r) => format!("restarted: {r}"),
+                    None if t.report().recovered_regions > 0 => format!(
+                        "recovered after an unclean stop ({} regions counted as changed)",
+                        t.report().recovered_regions
+                    ),
+                    None => "ok".to_string(),
+                },
+                "tracker_memory_bytes": t.map().memory_bytes(),
+            })
+        })
+        .collect();
+    Ok(json!({
+        "store": store.root(),
+        "store_id": store.meta().id,
+        "block_size": store.block_size(),
+        "disks": disks,
+        "refs": refs.len(),
+        "restorable": refs.iter().filter(|r| r.state == RefState::Restorable).count(),
+    }))
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Reply {
+    Ok(Value),
+    Error(String),
+}
+
+/// Send a request to the daemon owning `store`.
+///
+/// # Errors
+/// `Locked` when nothing answers on the socket (another non-daemon process holds the lock);
+/// the daemon's own error text as `Daemon`.
+pub fn call(store: &Store, req: &Request) -> Result<Value> {
+    let path = store.socket_path();
+    let mut s = match UnixStream::connect(&path) {
+        Ok(s) => s,
+        Err(_) => return Err(Error::Locked(store.root().to_path_buf())),
+    };
+    let io = Error::io("talk to the daemon at", &path);
+    let mut line = serde_json::to_vec(req).expect("requests serialize");
+    line.push(b'\n');
+    s.write_all(&line).map_err(io)?;
+    let mut r = BufReader::new(s);
+    let mut reply = String::new();
+    r.read_line(&mut reply)
+        .map_err(Error::io("read from the daemon at", &path))?;
+    match serde_json::from_str::<Reply>(&reply) {
+        Ok(Reply::Ok(v)) => Ok(v),
+        Ok(Reply::Error(e)) => Err(Error::Daemon(e)),
+        Err(_) => Err(Error::Daemon(format!(
+            "unreadable reply from {}: {reply:?}",
+            path.display()
+        ))),
+    }
+}
+
+/// Run `req` on the store's owner: in this process when the store is free, else through the
+/// mounted daemon.
+pub fn run(store: &Store, req: &Request) -> Result<Value> {
+    match Engine::open(store.clone()) {
+        Ok(engine) => {
+            let v = execute(&engine, req)?;
+            engine.close()?;
+            Ok(v)
+        }
+        Err(Error::Locked(_)) => call(store, req),
+        Err(e) => Err(e),
+    }
+}
+
+/// Serve requests on the control socket until the listener is closed. One thread per
+/// connection: requests are short, and a slow one (a backup) must not stall `ref list`.
+pub fn serve(engine: Arc<Engine>, listener: UnixListener) {
+    for conn in listener.incoming() {
+        let Ok(conn) = conn else { continue };
+        let engine = engine.clone();
+        std::thread::spawn(move || {
+            let _ = conn.set_read_timeout(Some(Duration::from_secs(30)));
+            let mut r = BufReader::new(&conn);
+            let mut line = String::new();
+            if r.read_line(&mut line).is_err() {
+                return;
+            }
+            let reply = match serde_json::from_str::<Request>(&line) {
+                Ok(req) => match execute(&engine, &req) {
+                    Ok(v) => Reply::Ok(v),
+                    Err(e) => Reply::Error(e.to_string()),
+                },
+                Err(e) => Reply::Error(format!("bad request: {e}")),
+            };
+            let mut out = serde_json::to_vec(&reply).expect("replies serialize");
+            out.push(b'\n');
+            let _ = (&conn).write_all(&out);
+        });
+    }
+}
+
+/// Bind the control socket, replacing a stale one left by a dead daemon (we hold the lock,
+/// so nobody else is listening). The socket is 0600: only the store's owner may steer it.
+pub fn bind(path: &Path) -> Result<UnixListener> {
+    let _ = std::fs::remove_file(path);
+    let l = UnixListener::bind(path).map_err(Error::io("bind", path))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(Error::io("chmod", path))?;
+    Ok(l)
+}

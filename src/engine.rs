@@ -1,0 +1,296 @@
+//! The engine: the one owner of a store's live write path. It holds the store lock, has every
+//! registered disk open with its tracker, and carries out the operations that change the
+//! store (points, disks) and the queries that need live tracking state (changes). A mounted
+//! daemon owns one for its lifetime; without a daemon, a command opens one for its duration.
+//!
+//! Invariant 4 (nothing half done): a point exists once its record is renamed into place,
+//! after every disk's tracker has durably moved past the number it records; a crash before
+//! that leaves only an unused number behind.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::live::{LiveDisk, open_image};
+use crate::names;
+use crate::store::lock::StoreLock;
+use crate::store::records::{DiskRecord, RefDisk, RefRecord, RefState};
+use crate::store::{Store, now_unix, random_id};
+use crate::track::{Tracker, identity_of};
+
+pub struct Engine {
+    store: Store,
+    _lock: StoreLock,
+    disks: RwLock<BTreeMap<String, Arc<LiveDisk>>>,
+    /// Serialises operations that change the catalog (points, disks).
+    ops: Mutex<()>,
+    closed: Mutex<bool>,
+}
+
+/// Changed extents of one disk.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct DiskChanges {
+    pub disk: String,
+    pub size: u64,
+    pub block_size: u32,
+    /// False when the disk was registered after the point: everything is new.
+    pub in_point: bool,
+    pub changed_bytes: u64,
+    pub extents: Vec<Extent>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct Extent {
+    pub offset: u64,
+    pub length: u64,
+}
+
+fn seq_floor(refs: &[RefRecord], disk: &str) -> u32 {
+    refs.iter()
+        .filter_map(|r| r.disks.get(disk).map(|d| d.seq + 1))
+        .max()
+        .unwrap_or(1)
+}
+
+impl Engine {
+    /// Take the store lock and open every disk, recovering tracking state as needed.
+    ///
+    /// # Errors
+    /// `Locked` when another process owns the store; I/O errors; `BadImage` for a
+    /// registered image that is gone.
+    pub fn open(store: Store) -> Result<Engine> {
+        let lock = StoreLock::try_acquire(store.root())?;
+        store.sweep();
+        let refs = store.refs()?;
+        let mut disks = BTreeMap::new();
+        for rec in store.disks()? {
+            let disk = Self::open_disk(&store, &rec, seq_floor(&refs, &rec.name))?;
+            disks.insert(rec.name.clone(), Arc::new(disk));
+        }
+        Ok(Engine {
+            store,
+            _lock: lock,
+            disks: RwLock::new(disks),
+            ops: Mutex::new(()),
+            closed: Mutex::new(false),
+        })
+    }
+
+    fn open_disk(store: &Store, rec: &DiskRecord, floor: u32) -> Result<LiveDisk> {
+        let file = open_image(&rec.image)?;
+        let id = identity_of(&rec.image)?;
+        let tracker = Tracker::open(store, &rec.name, id, floor)?;
+        if let Some(reason) = &tracker.report().lost {
+            log::warn!("disk {}: change tracking restarted: {reason}", rec.name);
+        }
+        Ok(LiveDisk::new(&rec.name, &rec.image, file, tracker))
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn disk(&self, name: &str) -> Result<Arc<LiveDisk>> {
+        self.disks
+            .read()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::NoSuchDisk(name.to_string()))
+    }
+
+    pub fn disks(&self) -> Vec<Arc<LiveDisk>> {
+        self.disks.read().values().cloned().collect()
+    }
+
+    /// Register an image as a disk and start tracking it.
+    ///
+    /// # Errors
+    /// A bad name, a duplicate name or image, or an image that is missing, empty or not a file.
+    pub fn disk_add(&self, name: &str, image: &Path) -> Result<DiskRecord> {
+        names::validate(name)?;
+        let _op = self.ops.lock();
+        if self.disks.read().contains_key(name) {
+            return Err(Error::DiskExists(name.to_string()));
+        }
+        let file = open_image(image)?;
+        let image = std::fs::canonicalize(image).map_err(Error::io("resolve", image))?;
+        if let Some(d) = self.disks.read().values().find(|d| d.image() == image) {
+            return Err(Error::BadImage {
+                path: image,
+                why: format!("already registered as disk {}", d.name()),
+            });
+        }
+        let floor = seq_floor(&self.store.refs()?, name);
+        let tracker = Tracker::create(&self.store, name, identity_of(&image)?, floor)?;
+        let rec = DiskRecord {
+            name: name.to_string(),
+            image: image.clone(),
+            added_unix: now_unix(),
+        };
+        // The record goes in last: until it is in place the disk does not exist.
+        self.store.write_disk(&rec)?;
+        self.disks.write().insert(
+            name.to_string(),
+            Arc::new(LiveDisk::new(name, &image, file, tracker)),
+        );
+        Ok(rec)
+    }
+
+    /// Stop tracking a disk. Its image is left alone; points keep its old numbers.
+    pub fn disk_remove(&self, name: &str) -> Result<()> {
+        let _op = self.ops.lock();
+        let disk = self.disk(name)?;
+        disk.close()?;
+        self.store.remove_disk_record(name)?;
+        self.disks.write().remove(name);
+        let _ = std::fs::remove_file(self.store.map_path(name));
+        let _ = std::fs::remove_file(self.store.log_path(name));
+        Ok(())
+    }
+
+    /// Create a reference point: quiesce every disk, flush data and tracking, record every
+    /// disk's number, advance, let writes continue.
+    ///
+    /// # Errors
+    /// A bad or duplicate name; I/O errors (then no point exists).
+    pub fn ref_create(&self, name: &str, owner: Option<&str>, state: RefState) -> Result<RefRecord> {
+        names::validate(name)?;
+        if let Some(o) = owner {
+            validate_owner(o)?;
+        }
+        let _op = self.ops.lock();
+        if self.store.ref_exists(name) {
+            return Err(Error::RefExists(name.to_string()));
+        }
+        let serial = self.store.refs()?.iter().map(|r| r.serial).max().unwrap_or(0) + 1;
+        let disks = self.disks();
+        let guards: Vec<_> = disks.iter().map(|d| d.quiesce()).collect();
+        let mut points = BTreeMap::new();
+        for d in &disks {
+            let id = d.synced_identity()?;
+            let seq = d.tracker().advance(id)?;
+            points.insert(
+                d.name().to_string(),
+                RefDisk {
+                    seq,
+                    size: d.size(),
+                },
+            );
+        }
+        let rec = RefRecord {
+            name: name.to_string(),
+            id: random_id(),
+            serial,
+            created_unix: now_unix(),
+            owner: owner.map(str::to_string),
+            state,
+            disks: points,
+            backup: None,
+        };
+        self.store.write_ref(&rec)?;
+        drop(guards);
+        Ok(rec)
+    }
+
+    /// Delete a metadata-only point. (Points with backup data go through `backup::delete`.)
+    pub fn ref_delete(&self, name: &str) -> Result<RefRecord> {
+        let _op = self.ops.lock();
+        let rec = self.store.read_ref(name)?;
+        self.store.remove_ref_record(name)?;
+        Ok(rec)
+    }
+
+    /// Changed byte extents since point `since`, for one disk or all.
+    ///
+    /// # Errors
+    /// `NoSuchRef`, `NoSuchDisk`, or `TrackingLost` when tracking restarted after the point.
+    pub fn changes(&self, since: &str, disk: Option<&str>) -> Result<Vec<DiskChanges>> {
+        let point = self.store.read_ref(since)?;
+        let disks = match disk {
+            Some(n) => vec![self.disk(n)?],
+            None => self.disks(),
+        };
+        let mut out = Vec::new();
+        for d in disks {
+            let t = d.tracker();
+            let bs = t.block_size() as u64;
+            let size = t.disk_size();
+            let (in_point, runs) = match point.disks.get(d.name()) {
+                Some(p) => (true, t.changed_since(since, p.seq)?),
+                None => (
+                    false,
+                    vec![crate::track::seqmap::BlockRun {
+                        start: 0,
+                        count: t.map().nblocks(),
+                    }],
+                ),
+            };
+            let extents: Vec<Extent> = runs
+                .iter()
+                .map(|r| {
+                    let offset = r.start * bs;
+                    Extent {
+                        offset,
+                        length: (r.count * bs).min(size - offset),
+                    }
+                })
+                .collect();
+            out.push(DiskChanges {
+                disk: d.name().to_string(),
+                size,
+                block_size: t.block_size(),
+                in_point,
+                changed_bytes: extents.iter().map(|e| e.length).sum(),
+                extents,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Flush every disk's tracking state that has unflushed marks.
+    pub fn flush_dirty(&self) -> Result<()> {
+        for d in self.disks() {
+            if d.tracker().dirty_regions() > 0 {
+                d.flush()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Clean stop: every disk flushed and marked closed. Idempotent.
+    pub fn close(&self) -> Result<()> {
+        let mut closed = self.closed.lock();
+        if *closed {
+            return Ok(());
+        }
+        for d in self.disks() {
+            d.close()?;
+        }
+        *closed = true;
+        Ok(())
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        if let Err(e) = self.close() {
+            log::error!("closing the store: {e}");
+        }
+    }
+}
+
+/// Owners are matched exactly by `ref list --owner` and printed in listings, so they keep to
+/// the name alphabet: nothing that needs quoting.
+fn validate_owner(owner: &str) -> Result<()> {
+    names::validate(owner).map_err(|e| match e {
+        Error::BadName { name, why } => Error::BadName {
+            name: format!("owner {name}"),
+            why,
+        },
+        e => e,
+    })
+}

@@ -1,0 +1,17 @@
+//! vmref: resilient change tracking, reference points and point-in-time images for raw VM
+//! disks on Linux. See DESIGN.md for the concepts and the six invariants.
+
+pub mod cli;
+pub mod commands;
+pub mod config;
+pub mod control;
+pub mod engine;
+pub mod error;
+pub mod format;
+pub mod live;
+pub mod names;
+pub mod store;
+pub mod sys;
+pub mod track;
+
+pub use error::{Error, Result};

@@ -1,0 +1,148 @@
+//! A live disk: the registered raw image opened read-write, with every write recorded by the
+//! tracker before it reaches the image. The FUSE file `live/NAME.img` and the library API
+//! both write through here.
+//!
+//! Concurrency: `gate` is shared by every write for its whole duration (stamp, then data) and
+//! taken exclusively to make a stable state, so in-flight writes finish first and new ones
+//! wait. The tracker sits behind its own short mutex: stamping is a few memory stores, and the
+//! data I/O happens with no lock but the shared gate held.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use parking_lot::{Mutex, RwLock, RwLockWriteGuard};
+
+use crate::error::{Error, Result};
+use crate::track::{Tracker, identity_of, mapfile::Identity};
+
+#[derive(Debug)]
+pub struct LiveDisk {
+    name: String,
+    image: PathBuf,
+    file: File,
+    size: u64,
+    block_size: u32,
+    gate: RwLock<()>,
+    tracker: Mutex<Tracker>,
+}
+
+/// Open an image for tracked use, refusing what cannot be a disk.
+pub fn open_image(path: &Path) -> Result<File> {
+    let bad = |why: String| Error::BadImage {
+        path: path.to_path_buf(),
+        why,
+    };
+    let meta = std::fs::metadata(path).map_err(|e| bad(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(bad("not a regular file".into()));
+    }
+    if meta.len() == 0 {
+        return Err(bad("it is empty".into()));
+    }
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| bad(e.to_string()))
+}
+
+impl LiveDisk {
+    pub fn new(name: &str, image: &Path, file: File, tracker: Tracker) -> LiveDisk {
+        LiveDisk {
+            name: name.to_string(),
+            image: image.to_path_buf(),
+            size: tracker.disk_size(),
+            block_size: tracker.block_size(),
+            file,
+            gate: RwLock::new(()),
+            tracker: Mutex::new(tracker),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    pub fn image(&self) -> &Path {
+        &self.image
+    }
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+    pub fn block_size(&self) -> u32 {
+        self.block_size
+    }
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+    pub fn tracker(&self) -> parking_lot::MutexGuard<'_, Tracker> {
+        self.tracker.lock()
+    }
+
+    /// Read up to `buf.len()` bytes at `off`; short at the end of the disk.
+    pub fn read_at(&self, buf: &mut [u8], off: u64) -> Result<usize> {
+        if off >= self.size {
+            return Ok(0);
+        }
+        let n = buf.len().min((self.size - off) as usize);
+        self.file
+            .read_exact_at(&mut buf[..n], off)
+            .map_err(Error::io("read", &self.image))?;
+        Ok(n)
+    }
+
+    /// A tracked write. The disk never grows: a write past its end is refused whole.
+    ///
+    /// # Errors
+    /// `OutOfRange` past the end; I/O errors from the log or the image.
+    pub fn write_at(&self, data: &[u8], off: u64) -> Result<()> {
+        let len = data.len() as u64;
+        if off.checked_add(len).is_none_or(|end| end > self.size) {
+            return Err(Error::OutOfRange {
+                disk: self.name.clone(),
+                offset: off,
+                len,
+                size: self.size,
+            });
+        }
+        let _shared = self.gate.read();
+        self.tracker.lock().before_write(off, len)?;
+        self.file
+            .write_all_at(data, off)
+            .map_err(Error::io("write", &self.image))
+    }
+
+    /// Make written data durable (fsync of the live file).
+    pub fn sync_data(&self) -> Result<()> {
+        self.file
+            .sync_data()
+            .map_err(Error::io("fsync", &self.image))
+    }
+
+    /// Stop writes: in-flight ones finish, new ones wait until the guard is dropped.
+    pub fn quiesce(&self) -> RwLockWriteGuard<'_, ()> {
+        self.gate.write()
+    }
+
+    /// Sync the image and return its identity, for a tracker flush. Writers must be quiesced.
+    pub fn synced_identity(&self) -> Result<Identity> {
+        self.file
+            .sync_all()
+            .map_err(Error::io("fsync", &self.image))?;
+        identity_of(&self.image)
+    }
+
+    /// Flush tracking state (periodic or on demand); quiesces writers briefly.
+    pub fn flush(&self) -> Result<()> {
+        let _q = self.quiesce();
+        let id = self.synced_identity()?;
+        self.tracker.lock().flush(id)
+    }
+
+    /// Clean stop: flush and mark the tracking state closed.
+    pub fn close(&self) -> Result<()> {
+        let _q = self.quiesce();
+        let id = self.synced_identity()?;
+        self.tracker.lock().close(id)
+    }
+}

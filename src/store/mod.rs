@@ -1,0 +1,241 @@
+//! The store: one directory holding everything vmref knows about one VM.
+//!
+//! ```text
+//! STORE/vmref.store        store meta (envelope): block size, id
+//! STORE/lock               flock of the owning process (see `lock`)
+//! STORE/control.sock       the mounted daemon's control socket
+//! STORE/disks/NAME.disk    disk records (envelope)
+//! STORE/track/NAME.map     sequence-number map (binary, see `track::mapfile`)
+//! STORE/track/NAME.log     durable dirty-region log (binary, see `track::log`)
+//! STORE/refs/NAME.ref      reference points (envelope)
+//! STORE/data/              backup data (see `backup`)
+//! ```
+//! Directories are 0700 and files 0600; every file is replaced atomically.
+
+pub mod atomic;
+pub mod lock;
+pub mod records;
+
+use std::fs::{self, DirBuilder};
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::format;
+
+pub const META_FILE: &str = "vmref.store";
+pub const SOCKET_FILE: &str = "control.sock";
+pub const DEFAULT_BLOCK_SIZE: u32 = 64 << 10;
+
+/// What `vmref.store` holds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StoreMeta {
+    pub id: String,
+    pub block_size: u32,
+    pub created_unix: u64,
+}
+
+/// An opened store: its root and its fixed parameters. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Store {
+    root: PathBuf,
+    meta: StoreMeta,
+}
+
+/// Parse "64K", "1M", "65536" into bytes and check the allowed range.
+///
+/// # Errors
+/// `Error::BadBlockSize` for anything but a power of two from 4 KiB to 4 MiB.
+pub fn parse_block_size(s: &str) -> Result<u32> {
+    let bad = || Error::BadBlockSize(s.to_string());
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, c)) if c.eq_ignore_ascii_case(&'k') => (&t[..i], 1u64 << 10),
+        Some((i, c)) if c.eq_ignore_ascii_case(&'m') => (&t[..i], 1u64 << 20),
+        _ => (t, 1),
+    };
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let v = n.checked_mul(mult).ok_or_else(bad)?;
+    if !v.is_power_of_two() || !(4096..=(4 << 20)).contains(&v) {
+        return Err(bad());
+    }
+    Ok(v as u32)
+}
+
+pub fn random_id() -> String {
+    let mut b = [0u8; 16];
+    if let Ok(mut f) = fs::File::open("/dev/urandom") {
+        use std::io::Read;
+        let _ = f.read_exact(&mut b);
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+pub fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+pub(crate) fn mkdir_private(p: &Path) -> Result<()> {
+    DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(p)
+        .map_err(Error::io("create directory", p))
+}
+
+impl Store {
+    /// Create a store in an empty or missing directory.
+    ///
+    /// # Errors
+    /// `StoreExists` if one is there already, `InitNotEmpty` if other files are.
+    pub fn init(root: &Path, block_size: u32) -> Result<Store> {
+        if root.join(META_FILE).exists() {
+            return Err(Error::StoreExists(root.to_path_buf()));
+        }
+        if root.exists() {
+            let mut rd = fs::read_dir(root).map_err(Error::io("read directory", root))?;
+            if rd.next().is_some() {
+                return Err(Error::InitNotEmpty(root.to_path_buf()));
+            }
+        }
+        mkdir_private(root)?;
+        for d in ["disks", "track", "refs", "data"] {
+            mkdir_private(&root.join(d))?;
+        }
+        let meta = StoreMeta {
+            id: random_id(),
+            block_size,
+            created_unix: now_unix(),
+        };
+        // The meta file is written last: a store exists only once it is in place.
+        atomic::write_atomic(
+            &root.join(META_FILE),
+            &format::encode(format::STORE_META, &meta),
+        )?;
+        Ok(Store {
+            root: root.to_path_buf(),
+            meta,
+        })
+    }
+
+    /// Open an existing store.
+    ///
+    /// # Errors
+    /// `NotAStore` for a missing directory or one without a store meta file; `Format` for a
+    /// damaged meta file.
+    pub fn open(root: &Path) -> Result<Store> {
+        if !root.is_dir() {
+            return Err(Error::NotAStore(
+                root.to_path_buf(),
+                "no such directory",
+            ));
+        }
+        let mp = root.join(META_FILE);
+        let bytes = match fs::read(&mp) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::NotAStore(root.to_path_buf(), "no vmref.store file"));
+            }
+            Err(e) => return Err(Error::io("read", &mp)(e)),
+        };
+        let meta: StoreMeta = format::decode(format::STORE_META, &bytes)
+            .map_err(|source| Error::Format { path: mp.clone(), source })?;
+        if parse_block_size(&meta.block_size.to_string()).is_err() {
+            return Err(Error::Format {
+                path: mp,
+                source: format::FormatError::Invalid {
+                    what: "block size",
+                    why: meta.block_size.to_string(),
+                },
+            });
+        }
+        Ok(Store {
+            root: root.to_path_buf(),
+            meta,
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+    pub fn meta(&self) -> &StoreMeta {
+        &self.meta
+    }
+    pub fn block_size(&self) -> u32 {
+        self.meta.block_size
+    }
+    pub fn socket_path(&self) -> PathBuf {
+        self.root.join(SOCKET_FILE)
+    }
+    pub fn disk_record_path(&self, name: &str) -> PathBuf {
+        self.root.join("disks").join(format!("{name}.disk"))
+    }
+    pub fn map_path(&self, name: &str) -> PathBuf {
+        self.root.join("track").join(format!("{name}.map"))
+    }
+    pub fn log_path(&self, name: &str) -> PathBuf {
+        self.root.join("track").join(format!("{name}.log"))
+    }
+    pub fn refs_dir(&self) -> PathBuf {
+        self.root.join("refs")
+    }
+    pub fn ref_path(&self, name: &str) -> PathBuf {
+        self.refs_dir().join(format!("{name}.ref"))
+    }
+    pub fn data_dir(&self) -> PathBuf {
+        self.root.join("data")
+    }
+
+    /// Remove temp files left by a writer that crashed before committing.
+    pub fn sweep(&self) {
+        for d in ["disks", "track", "refs", "data", ""] {
+            atomic::sweep_temp_files(&self.root.join(d));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_sizes() {
+        assert_eq!(parse_block_size("64K").unwrap(), 65536);
+        assert_eq!(parse_block_size("4k").unwrap(), 4096);
+        assert_eq!(parse_block_size("4M").unwrap(), 4 << 20);
+        assert_eq!(parse_block_size("131072").unwrap(), 131072);
+        for b in ["2K", "8M", "3K", "", "K", "-4K", "99999999999999999999K"] {
+            assert!(parse_block_size(b).is_err(), "{b}");
+        }
+    }
+
+    #[test]
+    fn init_then_open() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("s");
+        let s = Store::init(&root, 65536).unwrap();
+        let o = Store::open(&root).unwrap();
+        assert_eq!(o.meta().id, s.meta().id);
+        assert!(matches!(Store::init(&root, 65536), Err(Error::StoreExists(_))));
+    }
+
+    #[test]
+    fn open_refuses_non_stores() {
+        let d = tempfile::tempdir().unwrap();
+        assert!(matches!(Store::open(d.path()), Err(Error::NotAStore(..))));
+        assert!(matches!(
+            Store::open(&d.path().join("missing")),
+            Err(Error::NotAStore(..))
+        ));
+        fs::write(d.path().join("x"), b"1").unwrap();
+        assert!(matches!(
+            Store::init(d.path(), 65536),
+            Err(Error::InitNotEmpty(_))
+        ));
+    }
+}

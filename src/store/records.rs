@@ -1,0 +1,206 @@
+//! Disk records and reference point records: small envelope-framed JSON files, one per disk
+//! and one per point, each replaced atomically. A point exists once its file is renamed in.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::{Store, atomic};
+use crate::error::{Error, Result};
+use crate::format::{self, Kind};
+
+/// A registered disk.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DiskRecord {
+    pub name: String,
+    /// Absolute path of the live raw image.
+    pub image: PathBuf,
+    pub added_unix: u64,
+}
+
+/// What a reference point is now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RefState {
+    /// Metadata only: sequence numbers, no data.
+    Plain,
+    /// An open checkpoint: the daemon keeps copy-on-write data so its image stays readable.
+    Checkpoint,
+    /// Backup data exists: its image can be synthesized.
+    Restorable,
+}
+
+/// One disk's entry in a reference point.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefDisk {
+    /// The disk's sequence number when the point was created: blocks stamped higher changed since.
+    pub seq: u32,
+    /// The disk's size in bytes at that moment.
+    pub size: u64,
+}
+
+/// What a backup stored for a point.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BackupInfo {
+    /// "full" or "incremental".
+    pub kind: String,
+    /// Name of the point an incremental was taken since.
+    pub since: Option<String>,
+    /// Blocks and bytes this backup copied into the store.
+    pub stored_blocks: u64,
+    pub stored_bytes: u64,
+    pub finished_unix: u64,
+}
+
+/// A reference point.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RefRecord {
+    pub name: String,
+    pub id: String,
+    /// Strictly increasing across the store: orders points even within one second.
+    pub serial: u64,
+    pub created_unix: u64,
+    pub owner: Option<String>,
+    pub state: RefState,
+    pub disks: BTreeMap<String, RefDisk>,
+    pub backup: Option<BackupInfo>,
+}
+
+fn read_record<T: serde::de::DeserializeOwned>(kind: Kind, path: &Path) -> Result<Option<T>> {
+    match fs::read(path) {
+        Ok(b) => format::decode(kind, &b)
+            .map(Some)
+            .map_err(|source| Error::Format {
+                path: path.to_path_buf(),
+                source,
+            }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::io("read", path)(e)),
+    }
+}
+
+fn list_names(dir: &Path, ext: &str) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for e in fs::read_dir(dir).map_err(Error::io("read directory", dir))? {
+        let e = e.map_err(Error::io("read directory", dir))?;
+        let n = e.file_name();
+        let n = n.to_string_lossy();
+        if n.starts_with('.') {
+            continue;
+        }
+        if let Some(stem) = n.strip_suffix(ext) {
+            out.push(stem.to_string());
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+impl Store {
+    pub fn disk_names(&self) -> Result<Vec<String>> {
+        list_names(&self.root.join("disks"), ".disk")
+    }
+
+    pub fn read_disk(&self, name: &str) -> Result<DiskRecord> {
+        read_record(format::DISK_RECORD, &self.disk_record_path(name))?
+            .ok_or_else(|| Error::NoSuchDisk(name.to_string()))
+    }
+
+    pub fn disks(&self) -> Result<Vec<DiskRecord>> {
+        self.disk_names()?
+            .iter()
+            .map(|n| self.read_disk(n))
+            .collect()
+    }
+
+    pub fn write_disk(&self, rec: &DiskRecord) -> Result<()> {
+        atomic::write_atomic(
+            &self.disk_record_path(&rec.name),
+            &format::encode(format::DISK_RECORD, rec),
+        )
+    }
+
+    pub fn remove_disk_record(&self, name: &str) -> Result<()> {
+        atomic::remove_durable(&self.disk_record_path(name))
+    }
+
+    pub fn read_ref(&self, name: &str) -> Result<RefRecord> {
+        crate::names::validate(name)?;
+        read_record(format::REF_RECORD, &self.ref_path(name))?
+            .ok_or_else(|| Error::NoSuchRef(name.to_string()))
+    }
+
+    pub fn ref_exists(&self, name: &str) -> bool {
+        self.ref_path(name).exists()
+    }
+
+    /// Every point, oldest first.
+    pub fn refs(&self) -> Result<Vec<RefRecord>> {
+        let mut v: Vec<RefRecord> = list_names(&self.refs_dir(), ".ref")?
+            .iter()
+            .filter_map(|n| match self.read_ref(n) {
+                // Deleted between listing and reading: it is simply gone.
+                Err(Error::NoSuchRef(_)) => None,
+                r => Some(r),
+            })
+            .collect::<Result<_>>()?;
+        v.sort_by_key(|r| r.serial);
+        Ok(v)
+    }
+
+    pub fn write_ref(&self, rec: &RefRecord) -> Result<()> {
+        atomic::write_atomic(
+            &self.ref_path(&rec.name),
+            &format::encode(format::REF_RECORD, rec),
+        )
+    }
+
+    pub fn remove_ref_record(&self, name: &str) -> Result<()> {
+        atomic::remove_durable(&self.ref_path(name))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, Store) {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::init(&d.path().join("s"), 65536).unwrap();
+        (d, s)
+    }
+
+    #[test]
+    fn ref_round_trip_and_order() {
+        let (_d, s) = store();
+        for (i, n) in ["b", "a", "c"].iter().enumerate() {
+            let mut disks = BTreeMap::new();
+            disks.insert("disk0".into(), RefDisk { seq: i as u32 + 1, size: 1 << 20 });
+            s.write_ref(&RefRecord {
+                name: n.to_string(),
+                id: crate::store::random_id(),
+                serial: i as u64 + 1,
+                created_unix: 5,
+                owner: Some("veeam".into()),
+                state: RefState::Plain,
+                disks,
+                backup: None,
+            })
+            .unwrap();
+        }
+        let names: Vec<_> = s.refs().unwrap().into_iter().map(|r| r.name).collect();
+        assert_eq!(names, ["b", "a", "c"]);
+        assert_eq!(s.read_ref("a").unwrap().disks["disk0"].seq, 2);
+        s.remove_ref_record("a").unwrap();
+        assert!(matches!(s.read_ref("a"), Err(Error::NoSuchRef(_))));
+    }
+
+    #[test]
+    fn damaged_ref_is_a_format_error() {
+        let (_d, s) = store();
+        fs::write(s.ref_path("x"), b"VMREFREF garbage").unwrap();
+        assert!(matches!(s.read_ref("x"), Err(Error::Format { .. })));
+    }
+}

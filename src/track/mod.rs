@@ -1,0 +1,296 @@
+//! Change tracking for one disk: the sequence-number map, its durable dirty-region log, and
+//! recovery at open.
+//!
+//! Invariants kept here:
+//! - No missed change (2): a region is durably marked in the log before any write to it is
+//!   acknowledged; at open, every block of a marked region is stamped with the current
+//!   sequence number, so after any crash "changed since R" is a superset of the truth.
+//! - Tracking loss is never silent (3): a missing or damaged map or log, a damaged page outside
+//!   the log, or an image replaced, resized or modified since the last flush restarts tracking
+//!   at the current number (`base_seq`) and records why; queries reaching back before it fail.
+
+pub mod log;
+pub mod mapfile;
+pub mod seqmap;
+
+use std::path::Path;
+
+use crate::error::{Error, Result};
+use crate::store::Store;
+use log::DirtyLog;
+use mapfile::{FLAG_OPEN, Identity, MapFile, MapHeader};
+use seqmap::{BlockRun, REGION_BLOCKS, SeqMap, regions_for};
+
+/// How the tracker found its state at open.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OpenReport {
+    /// Regions re-stamped after an unclean stop.
+    pub recovered_regions: u64,
+    /// Set when tracking had to restart, saying why.
+    pub lost: Option<String>,
+}
+
+#[derive(Debug)]
+pub struct Tracker {
+    name: String,
+    header: MapHeader,
+    map: SeqMap,
+    file: MapFile,
+    log: DirtyLog,
+    /// Regions marked in the log since the last flush.
+    marked: Vec<u64>,
+    report: OpenReport,
+}
+
+fn fresh_header(block_size: u32, id: Identity, seq: u32, reason: &str) -> MapHeader {
+    MapHeader {
+        generation: 0,
+        block_size,
+        disk_size: id.size,
+        nblocks: id.size.div_ceil(block_size as u64),
+        current_seq: seq,
+        base_seq: seq,
+        flags: 0,
+        identity: id,
+        reason: reason.to_string(),
+    }
+}
+
+impl Tracker {
+    /// Start tracking a newly registered disk at sequence number `seq` (one above any number
+    /// an older point holds for this name, so those points are never mistaken for valid).
+    pub fn create(store: &Store, name: &str, id: Identity, seq: u32) -> Result<Tracker> {
+        let header = fresh_header(store.block_size(), id, seq.max(1), "");
+        Self::create_files(store, name, header, OpenReport::default())
+    }
+
+    fn create_files(
+        store: &Store,
+        name: &str,
+        header: MapHeader,
+        report: OpenReport,
+    ) -> Result<Tracker> {
+        let file = MapFile::create(&store.map_path(name), &header)?;
+        let log = DirtyLog::create(&store.log_path(name), regions_for(header.nblocks))?;
+        Ok(Tracker {
+            name: name.to_string(),
+            map: SeqMap::new(header.nblocks),
+            header,
+            file,
+            log,
+            marked: Vec::new(),
+            report,
+        })
+    }
+
+    /// Open a disk's tracking state, recover it after an unclean stop, and check that the
+    /// image is the one last tracked. `seq_floor` is one above the highest number any point
+    /// holds for this disk.
+    ///
+    /// # Errors
+    /// I/O errors only: damage is handled by restarting tracking (see `report`).
+    pub fn open(store: &Store, name: &str, id: Identity, seq_floor: u32) -> Result<Tracker> {
+        let map_path = store.map_path(name);
+        let loaded = if map_path.exists() {
+            match MapFile::open(&map_path) {
+                Ok(l) => Ok(l),
+                Err(Error::Format { source, .. }) => Err(format!("tracking state is damaged ({source})")),
+                Err(e) => return Err(e),
+            }
+        } else {
+            Err("tracking state is missing".to_string())
+        };
+        let mut loaded = match loaded {
+            Ok(l) => l,
+            Err(reason) => return Self::restart(store, name, id, seq_floor.max(1), reason),
+        };
+        let nregions = regions_for(loaded.header.nblocks);
+        let log_path = store.log_path(name);
+        let (log, marked) = match DirtyLog::open(&log_path, nregions) {
+            Ok(x) => x,
+            Err(Error::Format { source, .. }) => {
+                let cur = loaded.header.current_seq.max(seq_floor);
+                return Self::restart(store, name, id, cur, format!("dirty-region log is damaged ({source})"));
+            }
+            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                let cur = loaded.header.current_seq.max(seq_floor);
+                return Self::restart(store, name, id, cur, "dirty-region log is missing".into());
+            }
+            Err(e) => return Err(e),
+        };
+        let cur = loaded.header.current_seq.max(seq_floor).max(1);
+        let unexplained: Vec<u64> = loaded
+            .damaged
+            .iter()
+            .copied()
+            .filter(|r| !log.is_marked(*r))
+            .collect();
+        let old = loaded.header.identity;
+        let reason = if !unexplained.is_empty() {
+            Some(format!(
+                "tracking state is damaged ({} region(s) fail their checksum)",
+                unexplained.len()
+            ))
+        } else if old.dev != id.dev || old.ino != id.ino {
+            Some("the image file was replaced outside vmref".to_string())
+        } else if old.size != id.size {
+            Some(format!(
+                "the image was resized outside vmref ({} -> {} bytes)",
+                old.size, id.size
+            ))
+        } else if marked.is_empty() && (old.mtime_ns != id.mtime_ns || old.ctime_ns != id.ctime_ns)
+        {
+            Some("the image was modified outside the mount".to_string())
+        } else {
+            None
+        };
+        if let Some(reason) = reason {
+            return Self::restart(store, name, id, cur, reason);
+        }
+        let mut report = OpenReport::default();
+        for &r in &marked {
+            // A torn page of a marked region is re-stamped whole, so its old content is moot.
+            loaded.map.stamp_region(r, cur);
+        }
+        report.recovered_regions = marked.len() as u64;
+        let mut header = loaded.header;
+        header.current_seq = cur;
+        let mut t = Tracker {
+            name: name.to_string(),
+            map: loaded.map,
+            header,
+            file: loaded.file,
+            log,
+            marked,
+            report,
+        };
+        t.header.flags |= FLAG_OPEN;
+        t.flush(id)?;
+        Ok(t)
+    }
+
+    fn restart(store: &Store, name: &str, id: Identity, cur: u32, reason: String) -> Result<Tracker> {
+        ::log::warn!("disk {name}: tracking restarts: {reason}");
+        let mut header = fresh_header(store.block_size(), id, cur, &reason);
+        header.flags = FLAG_OPEN;
+        Self::create_files(
+            store,
+            name,
+            header,
+            OpenReport {
+                recovered_regions: 0,
+                lost: Some(reason),
+            },
+        )
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    pub fn report(&self) -> &OpenReport {
+        &self.report
+    }
+    pub fn current_seq(&self) -> u32 {
+        self.header.current_seq
+    }
+    pub fn base_seq(&self) -> u32 {
+        self.header.base_seq
+    }
+    pub fn lost_reason(&self) -> &str {
+        &self.header.reason
+    }
+    pub fn disk_size(&self) -> u64 {
+        self.header.disk_size
+    }
+    pub fn block_size(&self) -> u32 {
+        self.header.block_size
+    }
+    pub fn map(&self) -> &SeqMap {
+        &self.map
+    }
+    pub fn dirty_regions(&self) -> usize {
+        self.marked.len()
+    }
+
+    /// Record a write of `len` bytes at `off` before it is made: durably mark the regions it
+    /// touches (once per flush interval), then stamp its blocks with the current number.
+    ///
+    /// # Errors
+    /// A failed log write: the data write must then not happen.
+    pub fn before_write(&mut self, off: u64, len: u64) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let bs = self.header.block_size as u64;
+        let first = off / bs;
+        let last = ((off + len - 1) / bs).min(self.header.nblocks - 1);
+        let new: Vec<u64> = (first / REGION_BLOCKS..=last / REGION_BLOCKS)
+            .filter(|r| !self.log.is_marked(*r))
+            .collect();
+        if !new.is_empty() {
+            self.log.mark(&new)?;
+            self.marked.extend_from_slice(&new);
+        }
+        self.map.stamp(first, last - first + 1, self.header.current_seq);
+        Ok(())
+    }
+
+    /// Make the stamps durable and clear the log. The caller must have quiesced writers and
+    /// synced the image, and passes the image's identity after that sync.
+    pub fn flush(&mut self, id: Identity) -> Result<()> {
+        self.marked.sort_unstable();
+        self.marked.dedup();
+        self.file.write_regions(&self.map, &self.marked)?;
+        self.header.identity = id;
+        self.file.commit_header(&self.header)?;
+        self.log.clear()?;
+        self.marked.clear();
+        Ok(())
+    }
+
+    /// Record a reference point: flush with the next number already in the header, then
+    /// advance. Returns the number the point holds. Writers must be quiesced.
+    pub fn advance(&mut self, id: Identity) -> Result<u32> {
+        let seq = self.header.current_seq;
+        self.header.current_seq = seq + 1;
+        if let Err(e) = self.flush(id) {
+            // Nothing durable claims the new number; a later point simply skips it.
+            return Err(e);
+        }
+        Ok(seq)
+    }
+
+    /// Clean stop: flush and clear the open flag.
+    pub fn close(&mut self, id: Identity) -> Result<()> {
+        self.header.flags &= !FLAG_OPEN;
+        self.flush(id)
+    }
+
+    /// Blocks changed since a point that holds `since` for this disk.
+    ///
+    /// # Errors
+    /// `TrackingLost` if tracking restarted after that point.
+    pub fn changed_since(&self, point: &str, since: u32) -> Result<Vec<BlockRun>> {
+        if since < self.header.base_seq {
+            return Err(Error::TrackingLost {
+                disk: self.name.clone(),
+                since: point.to_string(),
+                reason: if self.header.reason.is_empty() {
+                    "the disk was registered after that point".to_string()
+                } else {
+                    self.header.reason.clone()
+                },
+            });
+        }
+        Ok(self.map.changed_since(since))
+    }
+}
+
+/// Identity of an image path as tracking records it.
+pub fn identity_of(path: &Path) -> Result<Identity> {
+    let m = std::fs::metadata(path).map_err(Error::io("stat", path))?;
+    Ok(Identity::of(&m))
+}
+
+#[cfg(test)]
+mod tests;
