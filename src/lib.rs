@@ -8,6 +8,7 @@ pub mod control;
 pub mod engine;
 pub mod error;
 pub mod format;
+pub mod image;
 pub mod live;
 pub mod names;
 pub mod store;

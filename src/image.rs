@@ -1,0 +1,78 @@
+//! What the mount serves as a read-only disk image: a point's synthesized image or an open
+//! checkpoint. Small trait, with an in-memory implementation for tests.
+
+use std::sync::Arc;
+
+use crate::error::Result;
+
+/// A read-only disk image. Implementations are shared between FUSE worker threads.
+pub trait ImageSource: Send + Sync {
+    /// Size in bytes.
+    fn size(&self) -> u64;
+    /// Read up to `buf.len()` bytes at `off` (short only at the end of the image).
+    ///
+    /// # Errors
+    /// Damaged stored data is `Error::Format` (EIO at the mount), never wrong bytes.
+    fn read_at(&self, buf: &mut [u8], off: u64) -> Result<usize>;
+    /// Start of the first data extent at or after `off`, or None (SEEK_DATA).
+    fn next_data(&self, off: u64) -> Result<Option<u64>>;
+    /// Start of the first hole at or after `off`; the image size if none (SEEK_HOLE).
+    fn next_hole(&self, off: u64) -> Result<u64>;
+    /// Bytes of data actually present (for st_blocks).
+    fn allocated_bytes(&self) -> u64;
+}
+
+/// The read-only directories the mount shows besides `live/`: restorable points and open
+/// checkpoints, each with its disks.
+pub trait PointSource: Send + Sync {
+    /// Current points with the disks each holds and their sizes, oldest first.
+    fn points(&self) -> Result<Vec<(String, Vec<(String, u64)>)>>;
+    /// Open one disk image of one point.
+    fn open(&self, point: &str, disk: &str) -> Result<Arc<dyn ImageSource>>;
+}
+
+/// An image held in memory, `block`-granular for holes (a zero block is a hole).
+#[derive(Debug, Clone)]
+pub struct MemImage {
+    pub bytes: Vec<u8>,
+    pub block: usize,
+}
+
+impl MemImage {
+    fn block_is_zero(&self, b: usize) -> bool {
+        let s = b * self.block;
+        let e = (s + self.block).min(self.bytes.len());
+        self.bytes[s..e].iter().all(|&x| x == 0)
+    }
+}
+
+impl ImageSource for MemImage {
+    fn size(&self) -> u64 {
+        self.bytes.len() as u64
+    }
+    fn read_at(&self, buf: &mut [u8], off: u64) -> Result<usize> {
+        let off = off.min(self.size()) as usize;
+        let n = buf.len().min(self.bytes.len() - off);
+        buf[..n].copy_from_slice(&self.bytes[off..off + n]);
+        Ok(n)
+    }
+    fn next_data(&self, off: u64) -> Result<Option<u64>> {
+        let nb = self.bytes.len().div_ceil(self.block);
+        let first = off as usize / self.block;
+        Ok((first..nb)
+            .find(|&b| !self.block_is_zero(b))
+            .map(|b| ((b * self.block) as u64).max(off)))
+    }
+    fn next_hole(&self, off: u64) -> Result<u64> {
+        let nb = self.bytes.len().div_ceil(self.block);
+        let first = off as usize / self.block;
+        Ok((first..nb)
+            .find(|&b| self.block_is_zero(b))
+            .map(|b| ((b * self.block) as u64).max(off))
+            .unwrap_or(self.size()))
+    }
+    fn allocated_bytes(&self) -> u64 {
+        let nb = self.bytes.len().div_ceil(self.block);
+        (0..nb).filter(|&b| !self.block_is_zero(b)).count() as u64 * self.block as u64
+    }
+}
