@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Run every test: unit, integration and real-mount tests. Installs the test clients
+# (fuse3, qemu-utils, rsync, fio) first when they are missing and we are root.
+set -euo pipefail
+cd "$(dirname "$0")"
+need=()
+for t in fusermount3:fuse3 qemu-io:qemu-utils qemu-img:qemu-utils rsync:rsync fio:fio; do
+  command -v "${t%%:*}" >/dev/null 2>&1 || need+=("${t##*:}")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq "${need[@]}" >/dev/null
+  else
+    echo "test.sh: missing ${need[*]}: install them (apt-get install ${need[*]}) or run as root" >&2
+  fi
+fi
+# Release build: the mount tests move real bytes through FUSE.
+exec cargo test --release "$@"
