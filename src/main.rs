@@ -14,10 +14,11 @@ fn main() {
         .format_timestamp(None)
         .init();
     if let Err(e) = vmref::commands::run(cli) {
-        if let vmref::Error::Io { source, .. } = &e {
-            if source.kind() == std::io::ErrorKind::BrokenPipe {
-                std::process::exit(0);
-            }
+        // A closed pipe (`vmref ref list | head`) is a normal stop, not an error.
+        if let vmref::Error::Io { source, .. } = &e
+            && source.kind() == std::io::ErrorKind::BrokenPipe
+        {
+            std::process::exit(0);
         }
         eprintln!("vmref: {e}");
         std::process::exit(1);
