@@ -7,10 +7,9 @@
 //! Layout: `0 magic "VMREFLOG" | 8 major u16 | 10 minor u16 | 16 nregions u64 | 4092 crc u32`,
 //! then the bitmap from offset 4096, padded to 4 KiB.
 
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
+use super::durable::DurableFile;
 use crate::error::{Error, Result};
 use crate::format::{FormatError, check_magic, crc, le_u32, le_u64};
 use crate::store::atomic;
@@ -59,8 +58,7 @@ fn bitmap_bytes(nregions: u64) -> usize {
 
 #[derive(Debug)]
 pub struct DirtyLog {
-    file: File,
-    path: PathBuf,
+    file: DurableFile,
     bits: Vec<u8>,
 }
 
@@ -72,8 +70,7 @@ impl DirtyLog {
         tmp.write_all(&vec![0u8; bitmap_bytes(nregions)])?;
         tmp.commit()?;
         Ok(DirtyLog {
-            file: open_rw(path)?,
-            path: path.to_path_buf(),
+            file: DurableFile::open(path)?,
             bits: vec![0u8; bitmap_bytes(nregions)],
         })
     }
@@ -83,14 +80,16 @@ impl DirtyLog {
     /// # Errors
     /// `Format` for a damaged header or a region count other than `nregions`.
     pub fn open(path: &Path, nregions: u64) -> Result<(DirtyLog, Vec<u64>)> {
-        let file = open_rw(path)?;
+        let file = DurableFile::open(path)?;
         let ferr = |source| Error::Format {
             path: path.to_path_buf(),
             source,
         };
         let mut h = vec![0u8; PAGE];
-        file.read_exact_at(&mut h, 0)
-            .map_err(|_| ferr(FormatError::Truncated { got: 0, need: PAGE }))?;
+        let got = file.read_at(&mut h, 0)?;
+        if got < PAGE {
+            return Err(ferr(FormatError::Truncated { got, need: PAGE }));
+        }
         let n = decode_header(&h).map_err(ferr)?;
         if n != nregions {
             return Err(ferr(FormatError::Invalid {
@@ -99,23 +98,17 @@ impl DirtyLog {
             }));
         }
         let mut bits = vec![0u8; bitmap_bytes(nregions)];
-        file.read_exact_at(&mut bits, PAGE as u64).map_err(|_| {
-            ferr(FormatError::Truncated {
-                got: 0,
-                need: PAGE + bitmap_bytes(nregions),
-            })
-        })?;
+        let got = file.read_at(&mut bits, PAGE as u64)?;
+        if got < bits.len() {
+            return Err(ferr(FormatError::Truncated {
+                got: PAGE + got,
+                need: PAGE + bits.len(),
+            }));
+        }
         let marked = (0..nregions)
             .filter(|&r| bits[(r / 8) as usize] & (1 << (r % 8)) != 0)
             .collect();
-        Ok((
-            DirtyLog {
-                file,
-                path: path.to_path_buf(),
-                bits,
-            },
-            marked,
-        ))
+        Ok((DirtyLog { file, bits }, marked))
     }
 
     pub fn is_marked(&self, region: u64) -> bool {
@@ -153,22 +146,10 @@ impl DirtyLog {
         for &p in pages {
             let s = p as usize * PAGE;
             self.file
-                .write_all_at(&self.bits[s..s + PAGE], PAGE as u64 + s as u64)
-                .map_err(Error::io("write", &self.path))?;
+                .write_at(&self.bits[s..s + PAGE], PAGE as u64 + s as u64)?;
         }
-        self.file
-            .sync_data()
-            .map_err(Error::io("fsync", &self.path))
+        self.file.sync()
     }
-}
-
-fn open_rw(path: &Path) -> Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(Error::io("open", path))
 }
 
 #[cfg(test)]

@@ -14,10 +14,10 @@
 //! 48 current_seq u32 | 52 base_seq u32 | 56 flags u32 | 64 identity (dev, ino, size, mtime_ns,
 //! ctime_ns: 5 x u64) | 104 reason_len u16 | 106 reason (<= 256 bytes) | 4092 crc u32`.
 
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
 
+use super::durable::DurableFile;
 use super::seqmap::{REGION_BLOCKS, SeqMap, regions_for};
 use crate::error::{Error, Result};
 use crate::format::{FormatError, check_magic, crc, le_u16, le_u32, le_u64};
@@ -193,8 +193,7 @@ fn page_bytes(page: Option<&[u32]>) -> Vec<u8> {
 /// The open map file.
 #[derive(Debug)]
 pub struct MapFile {
-    file: File,
-    path: PathBuf,
+    file: DurableFile,
     nregions: u64,
     crcs: Vec<u32>,
     generation: u64,
@@ -237,10 +236,8 @@ impl MapFile {
         f.set_len(2 * PAGE as u64 + table.len() as u64 + nregions * PAGE as u64)
             .map_err(Error::io("resize", tmp.path()))?;
         tmp.commit()?;
-        let file = open_rw(path)?;
         Ok(MapFile {
-            file,
-            path: path.to_path_buf(),
+            file: DurableFile::open(path)?,
             nregions,
             crcs: vec![zero_page_crc(); nregions as usize],
             generation: 1,
@@ -252,13 +249,13 @@ impl MapFile {
     /// # Errors
     /// `Format` when neither header slot is valid or the file is shorter than its geometry.
     pub fn open(path: &Path) -> Result<Loaded> {
-        let file = open_rw(path)?;
+        let file = DurableFile::open(path)?;
         let ferr = |source| Error::Format {
             path: path.to_path_buf(),
             source,
         };
         let mut hb = vec![0u8; 2 * PAGE];
-        let got = read_full(&file, &mut hb, 0).map_err(Error::io("read", path))?;
+        let got = file.read_at(&mut hb, 0)?;
         let a = MapHeader::decode(&hb[..PAGE.min(got)]);
         let b = if got >= 2 * PAGE {
             MapHeader::decode(&hb[PAGE..])
@@ -283,7 +280,7 @@ impl MapFile {
         let nregions = regions_for(header.nblocks);
         let tlen = crc_table_bytes(nregions) as usize;
         let total = 2 * PAGE as u64 + tlen as u64 + nregions * PAGE as u64;
-        let len = file.metadata().map_err(Error::io("stat", path))?.len();
+        let len = file.len()?;
         if len < total {
             return Err(ferr(FormatError::Truncated {
                 got: len as usize,
@@ -291,14 +288,12 @@ impl MapFile {
             }));
         }
         let mut table = vec![0u8; tlen];
-        file.read_exact_at(&mut table, 2 * PAGE as u64)
-            .map_err(Error::io("read", path))?;
+        file.read_at(&mut table, 2 * PAGE as u64)?;
         let crcs: Vec<u32> = (0..nregions as usize)
             .map(|i| le_u32(&table, i * 4))
             .collect();
         let mut mf = MapFile {
             file,
-            path: path.to_path_buf(),
             nregions,
             crcs,
             generation: header.generation,
@@ -314,8 +309,7 @@ impl MapFile {
             let n = CHUNK.min(nregions - r);
             let bytes = &mut buf[..n as usize * PAGE];
             mf.file
-                .read_exact_at(bytes, mf.pages_offset() + r * PAGE as u64)
-                .map_err(Error::io("read", path))?;
+                .read_at(bytes, mf.pages_offset() + r * PAGE as u64)?;
             for i in 0..n {
                 let page = &bytes[i as usize * PAGE..(i as usize + 1) * PAGE];
                 let region = r + i;
@@ -349,9 +343,7 @@ impl MapFile {
         let mut table_pages = Vec::new();
         for &r in regions {
             let bytes = page_bytes(map.region_page(r));
-            self.file
-                .write_all_at(&bytes, poff + r * PAGE as u64)
-                .map_err(Error::io("write", &self.path))?;
+            self.file.write_at(&bytes, poff + r * PAGE as u64)?;
             self.crcs[r as usize] = crc(&bytes);
             table_pages.push(r * 4 / PAGE as u64);
         }
@@ -364,9 +356,7 @@ impl MapFile {
             for (k, c) in self.crcs[first..last].iter().enumerate() {
                 b[k * 4..k * 4 + 4].copy_from_slice(&c.to_le_bytes());
             }
-            self.file
-                .write_all_at(&b, 2 * PAGE as u64 + tp * PAGE as u64)
-                .map_err(Error::io("write", &self.path))?;
+            self.file.write_at(&b, 2 * PAGE as u64 + tp * PAGE as u64)?;
         }
         Ok(())
     }
@@ -377,33 +367,9 @@ impl MapFile {
         self.generation += 1;
         h.generation = self.generation;
         let slot = self.generation % 2;
-        self.file
-            .write_all_at(&h.encode(), slot * PAGE as u64)
-            .map_err(Error::io("write", &self.path))?;
-        self.file
-            .sync_data()
-            .map_err(Error::io("fsync", &self.path))
+        self.file.write_at(&h.encode(), slot * PAGE as u64)?;
+        self.file.sync()
     }
-}
-
-fn open_rw(path: &Path) -> Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(Error::io("open", path))
-}
-
-fn read_full(f: &File, buf: &mut [u8], off: u64) -> std::io::Result<usize> {
-    let mut got = 0;
-    while got < buf.len() {
-        match f.read_at(&mut buf[got..], off + got as u64)? {
-            0 => break,
-            n => got += n,
-        }
-    }
-    Ok(got)
 }
 
 #[cfg(test)]

@@ -9,8 +9,11 @@
 //!   the log, or an image replaced, resized or modified since the last flush restarts tracking
 //!   at the current number (`base_seq`) and records why; queries reaching back before it fail.
 
+mod durable;
 pub mod log;
 pub mod mapfile;
+#[cfg(test)]
+mod powerloss;
 pub mod seqmap;
 
 use std::path::Path;
