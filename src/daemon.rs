@@ -346,13 +346,7 @@ fn start_signal_thread(point: &Path) -> Result<()> {
 pub fn umount(mountpoint: &Path) -> Result<String> {
     let mp = std::path::absolute(mountpoint).map_err(Error::io("resolve", mountpoint))?;
     let mp = std::fs::canonicalize(&mp)
-        .or_else(|e| {
-            if is_dead(&e) {
-                Ok(mp.clone())
-            } else {
-                Err(e)
-            }
-        })
+        .or_else(|e| if is_dead(&e) { Ok(mp.clone()) } else { Err(e) })
         .map_err(Error::io("mount point", mountpoint))?;
     match mounts::find(&mp) {
         Some(m) if m.is_vmref() => {}
