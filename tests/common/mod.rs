@@ -268,10 +268,8 @@ impl Drop for MountGuard {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
-        } else if let Some(pid) = self.pid {
-            if pid_is_vmref(pid) {
-                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-            }
+        } else if let Some(pid) = self.pid.filter(|&p| pid_is_vmref(p)) {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
         }
     }
 }
