@@ -50,6 +50,18 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Mount the store: live/DISK.img tracked read-write, POINT/DISK.img read-only
+    Mount {
+        mountpoint: PathBuf,
+        /// Stay in the foreground (logs on stderr) instead of returning once mounted
+        #[arg(long)]
+        foreground: bool,
+        /// Let other users reach the mount (their access still follows file permissions)
+        #[arg(long)]
+        allow_other: bool,
+    },
+    /// Unmount, waiting until the daemon has flushed tracking state; clears a dead mount
+    Umount { mountpoint: PathBuf },
     /// The store, its disks and their tracking state
     Status {
         #[arg(long)]

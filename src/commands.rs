@@ -182,6 +182,23 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Mount {
+            mountpoint,
+            foreground,
+            allow_other,
+        } => {
+            let opts = crate::daemon::MountOptions {
+                mountpoint,
+                foreground,
+                allow_other: allow_other || config.allow_other.unwrap_or(false),
+                flush_interval: config.flush_interval(),
+            };
+            crate::daemon::mount(&root, &opts)
+        }
+        Command::Umount { mountpoint } => {
+            let msg = crate::daemon::umount(&mountpoint)?;
+            emit(out, msg)
+        }
         Command::Status { json } => {
             let s = Store::open(&root)?;
             let v = control::run(&s, &Request::Status)?;

@@ -64,6 +64,51 @@ pub enum Error {
     Refused(String),
     #[error("daemon: {0}")]
     Daemon(String),
+    /// A request on a path in the mount that the filesystem refuses or cannot find.
+    #[error("{path}: {kind}")]
+    Fs { kind: FsKind, path: String },
+    /// Mounting or unmounting failed; the text says why.
+    #[error("{0}")]
+    Mount(String),
+}
+
+/// Why the mounted filesystem refused a request; each maps to one errno in `Error::errno`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FsKind {
+    NotFound,
+    /// Point images and directories never change.
+    ReadOnly,
+    /// A live disk keeps its size: the tracker and the points depend on it.
+    NoResize,
+    /// Permissions and ownership come from the mount, not from requests.
+    NotPermitted,
+    IsDir,
+    NotDir,
+    BadHandle,
+    /// SEEK_DATA past the last data, or any seek past the end.
+    NoMoreData,
+    BadWhence,
+    NoAttr,
+    /// An operation the mount does not offer (fallocate, copy_file_range): callers fall back.
+    Unsupported,
+}
+
+impl std::fmt::Display for FsKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            FsKind::NotFound => "no such file or directory",
+            FsKind::ReadOnly => "read-only: points and the layout of the mount never change",
+            FsKind::NoResize => "a live disk cannot be resized through the mount",
+            FsKind::NotPermitted => "permissions and ownership are fixed by the mount",
+            FsKind::IsDir => "is a directory",
+            FsKind::NotDir => "not a directory",
+            FsKind::BadHandle => "stale or unknown file handle",
+            FsKind::NoMoreData => "no data at or after this offset",
+            FsKind::BadWhence => "only SEEK_DATA and SEEK_HOLE reach the filesystem",
+            FsKind::NoAttr => "no such attribute",
+            FsKind::Unsupported => "not supported by the mount",
+        })
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -84,6 +129,18 @@ impl Error {
             Error::OutOfRange { .. } => libc::EINVAL,
             Error::Locked(_) => libc::EBUSY,
             Error::Refused(_) => libc::EROFS,
+            Error::Fs { kind, .. } => match kind {
+                FsKind::NotFound => libc::ENOENT,
+                FsKind::ReadOnly => libc::EROFS,
+                FsKind::NoResize | FsKind::NotPermitted => libc::EPERM,
+                FsKind::IsDir => libc::EISDIR,
+                FsKind::NotDir => libc::ENOTDIR,
+                FsKind::BadHandle => libc::EBADF,
+                FsKind::NoMoreData => libc::ENXIO,
+                FsKind::BadWhence => libc::EINVAL,
+                FsKind::NoAttr => libc::ENODATA,
+                FsKind::Unsupported => libc::EOPNOTSUPP,
+            },
             _ => libc::EIO,
         }
     }

@@ -6,8 +6,9 @@ fn main() {
     let cli = vmref::cli::Cli::parse();
     let level = match (cli.quiet, cli.verbose) {
         (true, _) => "error",
-        (false, 0) => "warn",
-        (false, 1) => "info",
+        // fuser warns when it finds its mount already gone, which is how every unmount ends.
+        (false, 0) => "warn,fuser=error",
+        (false, 1) => "info,fuser=error",
         (false, _) => "debug",
     };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))

@@ -65,3 +65,105 @@ pub fn block_device_size(fd: RawFd) -> io::Result<u64> {
     }
     Ok(size)
 }
+
+/// `fork()`: `Some(child pid)` in the parent, `None` in the child.
+///
+/// Only call while the process has a single thread: the child gets a copy of just the
+/// calling thread, and any lock another thread held would stay locked forever.
+pub fn fork() -> io::Result<Option<i32>> {
+    // SAFETY: fork takes no arguments; the caller guarantees the process is single-threaded,
+    // so the child's copy of the address space has no lock held by a vanished thread.
+    let pid = unsafe { libc::fork() };
+    match pid {
+        -1 => Err(io::Error::last_os_error()),
+        0 => Ok(None),
+        p => Ok(Some(p)),
+    }
+}
+
+/// Start a new session so the daemon outlives the terminal it was started from.
+pub fn setsid() -> io::Result<()> {
+    // SAFETY: setsid takes no arguments and touches no memory.
+    let rc = unsafe { libc::setsid() };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Make `target` (0, 1 or 2) refer to the same file as `fd`.
+pub fn dup_onto(fd: RawFd, target: RawFd) -> io::Result<()> {
+    // SAFETY: dup2 takes two descriptors; no memory is passed.
+    let rc = unsafe { libc::dup2(fd, target) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn sigset(signals: &[i32]) -> libc::sigset_t {
+    // SAFETY: sigemptyset/sigaddset write only into the sigset_t we own on our stack, which
+    // sigemptyset fully initialises before sigaddset reads it.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for &s in signals {
+            libc::sigaddset(&mut set, s);
+        }
+        set
+    }
+}
+
+/// Block `signals` in the calling thread and every thread it spawns afterwards, so that
+/// only `wait_signal` ever sees them.
+pub fn block_signals(signals: &[i32]) -> io::Result<()> {
+    let set = sigset(signals);
+    // SAFETY: pthread_sigmask reads the set we pass and writes nothing (old set is null).
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if rc != 0 {
+        return Err(io::Error::from_raw_os_error(rc));
+    }
+    Ok(())
+}
+
+/// Wait for one of `signals` (which must be blocked) and return it.
+pub fn wait_signal(signals: &[i32]) -> io::Result<i32> {
+    let set = sigset(signals);
+    let mut sig: libc::c_int = 0;
+    // SAFETY: sigwait reads our set and writes one int into `sig` on our stack.
+    let rc = unsafe { libc::sigwait(&set, &mut sig) };
+    if rc != 0 {
+        return Err(io::Error::from_raw_os_error(rc));
+    }
+    Ok(sig)
+}
+
+fn cpath(path: &std::path::Path) -> io::Result<std::ffi::CString> {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))
+}
+
+/// `umount2(path, 0)`, or with `MNT_DETACH` when `lazy`.
+pub fn umount(path: &std::path::Path, lazy: bool) -> io::Result<()> {
+    let p = cpath(path)?;
+    let flags = if lazy { libc::MNT_DETACH } else { 0 };
+    // SAFETY: umount2 reads the NUL-terminated path, which outlives the call.
+    check(unsafe { libc::umount2(p.as_ptr(), flags) })
+}
+
+/// Read one extended attribute of `path` (at most 4 KiB).
+pub fn getxattr(path: &std::path::Path, name: &str) -> io::Result<Vec<u8>> {
+    let p = cpath(path)?;
+    let n = std::ffi::CString::new(name)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "name contains a NUL byte"))?;
+    let mut buf = vec![0u8; 4096];
+    // SAFETY: getxattr reads the two NUL-terminated strings and writes at most buf.len()
+    // bytes into buf, which lives until after the call.
+    let r = unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    buf.truncate(r as usize);
+    Ok(buf)
+}

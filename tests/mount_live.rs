@@ -1,0 +1,375 @@
+//! The real mount, driven by real clients: qemu-io, dd (also O_DIRECT), Rust file I/O,
+//! qemu-img compare, and `vmref` itself in other processes, against a model of the disk's
+//! bytes; plus every way a mount ends (vmref umount, umount, fusermount3 -u, SIGTERM,
+//! SIGINT, kill -9) and what each must leave behind.
+
+mod common;
+
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use common::*;
+
+const MIB: usize = 1 << 20;
+const BLOCK: u64 = 65536;
+
+fn initial(size: usize) -> Vec<u8> {
+    // Data in the first and last MiB only; the rest is a hole.
+    let mut v = vec![0u8; size];
+    v[..MIB].copy_from_slice(&pattern(MIB, 7));
+    v[size - MIB..].copy_from_slice(&pattern(MIB, 8));
+    v
+}
+
+fn apply(model: &mut [u8], off: usize, data: &[u8]) {
+    model[off..off + data.len()].copy_from_slice(data);
+}
+
+#[test]
+fn live_writes_reach_the_image_exactly_and_are_tracked() {
+    if !fuse_ok("live_writes_reach_the_image_exactly_and_are_tracked") {
+        return;
+    }
+    let size = 16 * MIB;
+    let mut model = initial(size);
+    let s = Setup::new(&model);
+    let mut m = s.mount();
+    let live = s.live();
+    let live_s = live.to_str().unwrap();
+
+    assert_eq!(std::fs::metadata(&live).unwrap().len(), size as u64);
+    assert_eq!(
+        std::fs::read(&live).unwrap(),
+        model,
+        "initial bytes through the mount"
+    );
+
+    // ref create while mounted goes through the daemon's socket.
+    let out = s.ok(&["ref", "create", "r0"]);
+    assert!(out.contains("created reference point r0"), "{out}");
+    assert_eq!(
+        daemon_pid(&s.store),
+        m.pid,
+        "the daemon still owns the store"
+    );
+
+    let mut writes = Vec::new();
+    run_ok(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0xab 1M 64k", live_s],
+    );
+    apply(&mut model, MIB, &[0xab; 65536]);
+    writes.push((MIB as u64, 65536));
+
+    let src = s.dir.path().join("src.bin");
+    let data = pattern(3 * 4096, 42);
+    std::fs::write(&src, &data).unwrap();
+    let src_s = src.to_str().unwrap();
+    run_ok(
+        "dd",
+        &[
+            &format!("if={src_s}"),
+            &format!("of={live_s}"),
+            "bs=4096",
+            "seek=1000",
+            "conv=notrunc,fsync",
+            "status=none",
+        ],
+    );
+    apply(&mut model, 1000 * 4096, &data);
+    writes.push((1000 * 4096, data.len() as u64));
+    run_ok(
+        "dd",
+        &[
+            &format!("if={src_s}"),
+            &format!("of={live_s}"),
+            "bs=4096",
+            "seek=2500",
+            "oflag=direct",
+            "conv=notrunc",
+            "status=none",
+        ],
+    );
+    apply(&mut model, 2500 * 4096, &data);
+    writes.push((2500 * 4096, data.len() as u64));
+
+    // Rust file I/O: unaligned, spanning a block boundary.
+    {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&live)
+            .unwrap();
+        let d = pattern(70_000, 9);
+        let off = 5 * BLOCK as usize - 1234;
+        f.write_all_at(&d, off as u64).unwrap();
+        f.sync_all().unwrap();
+        apply(&mut model, off, &d);
+        writes.push((off as u64, d.len() as u64));
+        let mut back = vec![0u8; d.len()];
+        f.read_exact_at(&mut back, off as u64).unwrap();
+        assert_eq!(back, d);
+    }
+
+    assert_eq!(
+        std::fs::read(&live).unwrap(),
+        model,
+        "all bytes through the mount"
+    );
+    let model_file = s.dir.path().join("model.raw");
+    std::fs::write(&model_file, &model).unwrap();
+    run_ok(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            live_s,
+            model_file.to_str().unwrap(),
+        ],
+    );
+
+    // Another process asks the daemon: exactly the written blocks.
+    let ch = s.json(&["changes", "--since", "r0", "--json"]);
+    assert_eq!(
+        changed_extents(&ch),
+        block_extents(&writes, BLOCK, size as u64)
+    );
+
+    // A second point splits the history.
+    s.ok(&["ref", "create", "r1"]);
+    run_ok(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x5a 8M 4k", live_s],
+    );
+    apply(&mut model, 8 * MIB, &[0x5a; 4096]);
+    let ch = s.json(&["changes", "--since", "r1", "--json"]);
+    assert_eq!(changed_extents(&ch), vec![(8 * MIB as u64, BLOCK)]);
+
+    // Refused: resize, writes past the end, and any change to the layout.
+    let o = run("truncate", &["-s", "1M", live_s]);
+    assert!(!o.status.success(), "truncate must be refused");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("Operation not permitted"));
+    run_ok("truncate", &["-s", &size.to_string(), live_s]);
+    let o = run(
+        "dd",
+        &[
+            "if=/dev/zero",
+            &format!("of={live_s}"),
+            "bs=4096",
+            "count=1",
+            &format!("seek={}", size / 4096),
+            "conv=notrunc",
+            "status=none",
+        ],
+    );
+    assert!(!o.status.success(), "a write past the end must fail");
+    let o = run("touch", &[s.mnt.join("live/new.img").to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("Read-only file system"));
+    assert!(
+        std::fs::create_dir(s.mnt.join("x"))
+            .unwrap_err()
+            .raw_os_error()
+            == Some(libc::EROFS)
+    );
+    assert!(std::fs::remove_file(&live).unwrap_err().raw_os_error() == Some(libc::EROFS));
+    assert_eq!(std::fs::metadata(&live).unwrap().len(), size as u64);
+
+    // Second mount of the same store: refused with one line.
+    let other = s.dir.path().join("mnt2");
+    std::fs::create_dir(&other).unwrap();
+    let o = s.vmref(&["mount", other.to_str().unwrap()]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("already in use by vmref daemon pid"), "{err}");
+    assert!(!is_mounted(&other));
+
+    let out = s.ok(&["umount", s.mnt.to_str().unwrap()]);
+    assert!(out.contains("unmounted"), "{out}");
+    assert!(!is_mounted(&s.mnt));
+    m.wait_gone();
+    assert_eq!(
+        std::fs::read(&s.image).unwrap(),
+        model,
+        "backing image after unmount"
+    );
+    assert_eq!(s.tracking(), "ok");
+    let ch = s.json(&["changes", "--since", "r1", "--json"]);
+    assert_eq!(
+        changed_extents(&ch),
+        vec![(8 * MIB as u64, BLOCK)],
+        "same answer without the daemon"
+    );
+}
+
+/// SIGTERM and SIGINT to a foreground daemon, and `umount`/`fusermount3 -u` of a
+/// background one, all end with tracking flushed and the socket gone.
+#[test]
+fn every_unmount_is_clean() {
+    if !fuse_ok("every_unmount_is_clean") {
+        return;
+    }
+    let size = 4 * MIB;
+    let s = Setup::new(&initial(size));
+    s.ok(&["ref", "create", "r0"]);
+    let live = s.live();
+    let live_s = live.to_str().unwrap().to_string();
+    let mut expected = Vec::new();
+    for (i, how) in ["SIGTERM", "SIGINT", "umount", "fusermount3"]
+        .iter()
+        .enumerate()
+    {
+        let mut m = if how.starts_with("SIG") {
+            s.mount_foreground()
+        } else {
+            s.mount()
+        };
+        let off = (i as u64 + 1) * BLOCK * 3;
+        run_ok(
+            "qemu-io",
+            &[
+                "-f",
+                "raw",
+                "-c",
+                &format!("write -P 0x{:x} {off} 4k", 0x10 + i),
+                &live_s,
+            ],
+        );
+        expected.push((off, 4096));
+        match *how {
+            "SIGTERM" => m.signal("TERM"),
+            "SIGINT" => m.signal("INT"),
+            "umount" => {
+                run_ok("umount", &[s.mnt.to_str().unwrap()]);
+            }
+            _ => {
+                run_ok("fusermount3", &["-u", s.mnt.to_str().unwrap()]);
+            }
+        }
+        if m.child.is_some() {
+            let st = m.wait_child();
+            assert!(st.success(), "{how}: daemon exit {st}");
+        } else {
+            m.wait_gone();
+        }
+        assert!(!is_mounted(&s.mnt), "{how}");
+        assert!(
+            !s.store.join("control.sock").exists(),
+            "{how}: socket left behind"
+        );
+        assert_eq!(s.tracking(), "ok", "{how}: tracking not flushed cleanly");
+        let ch = s.json(&["changes", "--since", "r0", "--json"]);
+        assert_eq!(
+            changed_extents(&ch),
+            block_extents(&expected, BLOCK, size as u64),
+            "{how}"
+        );
+    }
+}
+
+#[test]
+fn kill_9_leaves_a_dead_mount_that_umount_and_mount_clear() {
+    if !fuse_ok("kill_9_leaves_a_dead_mount_that_umount_and_mount_clear") {
+        return;
+    }
+    let size = 4 * MIB;
+    let s = Setup::new(&initial(size));
+    s.ok(&["ref", "create", "r0"]);
+    let live_s = s.live().to_str().unwrap().to_string();
+    let mnt_s = s.mnt.to_str().unwrap().to_string();
+
+    let mut m = s.mount();
+    run_ok(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x77 2M 4k", &live_s],
+    );
+    m.signal("KILL");
+    m.wait_gone();
+    let e = std::fs::metadata(&s.mnt).unwrap_err();
+    assert!(
+        matches!(e.raw_os_error(), Some(libc::ENOTCONN | libc::ECONNABORTED)),
+        "a dead mount: {e}"
+    );
+    let out = s.ok(&["umount", &mnt_s]);
+    assert!(out.contains("dead mount"), "{out}");
+    assert!(!is_mounted(&s.mnt));
+    // Invariant 2: nothing missed after kill -9.
+    let ch = s.json(&["changes", "--since", "r0", "--json"]);
+    assert!(
+        changed_extents(&ch)
+            .iter()
+            .any(|&(o, l)| o <= 2 * MIB as u64 && 2 * MIB as u64 + 4096 <= o + l)
+    );
+
+    let mut m = s.mount();
+    m.signal("KILL");
+    m.wait_gone();
+    // A new mount clears the dead one by itself.
+    let mut m = s.mount();
+    run_ok(
+        "qemu-io",
+        &["-f", "raw", "-c", "read -P 0x77 2M 4k", &live_s],
+    );
+    s.ok(&["umount", &mnt_s]);
+    m.wait_gone();
+    assert!(!is_mounted(&s.mnt));
+}
+
+/// Readers in other threads see, at every 4 KiB, either the old bytes or one of the
+/// writer's versions (never a mix inside a write), and the final image equals the model.
+#[test]
+fn concurrent_readers_while_a_writer_runs() {
+    if !fuse_ok("concurrent_readers_while_a_writer_runs") {
+        return;
+    }
+    let size = 8 * MIB;
+    let s = Setup::new(&vec![0u8; size]);
+    let _m = s.mount();
+    let live = s.live();
+    let stop = Arc::new(AtomicBool::new(false));
+    let readers: Vec<_> = (0..3)
+        .map(|r| {
+            let live = live.clone();
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let f = std::fs::File::open(&live).unwrap();
+                let mut buf = vec![0u8; 4096];
+                let mut x: u64 = 12345 + r;
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) || n < 50 {
+                    x = x
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    let page = (x >> 33) % (size as u64 / 4096);
+                    f.read_exact_at(&mut buf, page * 4096).unwrap();
+                    assert!(
+                        buf.iter().all(|&b| b == buf[0]),
+                        "torn 4 KiB page at {page}"
+                    );
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    let mut model = vec![0u8; size];
+    let f = std::fs::OpenOptions::new().write(true).open(&live).unwrap();
+    for round in 1..=4u8 {
+        for b in 0..(size / 65536) {
+            let v = round.wrapping_mul(31).wrapping_add(b as u8) | 1;
+            // Writes of whole pages of one value, so a reader can tell a torn page.
+            f.write_all_at(&[v; 65536], (b * 65536) as u64).unwrap();
+            apply(&mut model, b * 65536, &[v; 65536]);
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for r in readers {
+        assert!(r.join().unwrap() >= 50);
+    }
+    assert_eq!(std::fs::read(&live).unwrap(), model);
+}
