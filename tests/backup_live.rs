@@ -25,7 +25,7 @@ fn write_of(i: u64) -> (u64, Vec<u8>) {
         c.copy_from_slice(&(i << 16 | k as u64).to_le_bytes());
     }
     // Every third write covers only part of the block (an unaligned write).
-    if i % 3 == 0 {
+    if i.is_multiple_of(3) {
         let off = block * BS as u64 + 100;
         return (off, b[100..1500].to_vec());
     }
