@@ -28,6 +28,60 @@ pub struct RestoreReport {
     pub data_bytes: u64,
 }
 
+/// Copy the image's data extents into `out` (already sized; holes stay holes). Reading and
+/// checking (one thread) overlaps with writing (another): each alone is about as slow as the
+/// other here, so the pipeline nearly halves the time.
+fn copy_data(
+    img: &PointImage,
+    out: &std::fs::File,
+    out_path: &Path,
+    progress: &dyn Progress,
+) -> Result<u64> {
+    use std::sync::mpsc;
+    let size = img.size();
+    std::thread::scope(|s| {
+        let (tx, rx) = mpsc::sync_channel::<(u64, Vec<u8>)>(2);
+        let (back_tx, back_rx) = mpsc::channel::<Vec<u8>>();
+        let writer = s.spawn(move || -> Result<u64> {
+            let mut total = 0;
+            for (off, buf) in rx {
+                std::os::unix::fs::FileExt::write_all_at(out, &buf, off)
+                    .map_err(Error::io("write", out_path))?;
+                total += buf.len() as u64;
+                progress.inc(buf.len() as u64);
+                let _ = back_tx.send(buf);
+            }
+            Ok(total)
+        });
+        let read = (|| -> Result<()> {
+            let mut pos = 0;
+            while let Some(d) = img.next_data(pos)? {
+                let h = img.next_hole(d)?;
+                let mut off = d;
+                while off < h {
+                    let n = ((h - off) as usize).min(CHUNK);
+                    let mut buf = back_rx.try_recv().unwrap_or_default();
+                    buf.resize(n, 0);
+                    img.read_at(&mut buf, off)?;
+                    if tx.send((off, buf)).is_err() {
+                        return Ok(()); // the writer failed: its error is reported below
+                    }
+                    off += n as u64;
+                }
+                pos = h;
+                if pos >= size {
+                    break;
+                }
+            }
+            Ok(())
+        })();
+        drop(tx);
+        let written = writer.join().expect("restore writer thread panicked");
+        read?;
+        written
+    })
+}
+
 /// Restore `disk` of point `point` to `to`.
 ///
 /// # Errors
@@ -59,26 +113,7 @@ pub fn restore(
         .set_len(size)
         .map_err(Error::io("resize", tmp.path()))?;
     progress.start("restore", img.allocated_bytes());
-    let mut buf = vec![0u8; CHUNK];
-    let mut data_bytes = 0;
-    let mut pos = 0;
-    while let Some(d) = img.next_data(pos)? {
-        let h = img.next_hole(d)?;
-        let mut off = d;
-        while off < h {
-            let n = ((h - off) as usize).min(CHUNK);
-            img.read_at(&mut buf[..n], off)?;
-            std::os::unix::fs::FileExt::write_all_at(tmp.file(), &buf[..n], off)
-                .map_err(Error::io("write", tmp.path()))?;
-            off += n as u64;
-            data_bytes += n as u64;
-            progress.inc(n as u64);
-        }
-        pos = h;
-        if pos >= size {
-            break;
-        }
-    }
+    let data_bytes = copy_data(&img, tmp.file(), tmp.path(), progress)?;
     tmp.commit()?;
     progress.finish();
     Ok(RestoreReport {
