@@ -6,7 +6,9 @@
 //! reads the block's current (pre-write) bytes and saves them, then releases the mutex and
 //! lets the write go ahead. A reader of a checkpoint image takes the same mutex around
 //! "is it saved?" and the read of the live bytes, so it can never see a block half-saved or
-//! already overwritten: while it holds the mutex, no unsaved block can be written.
+//! already overwritten: while it holds the mutex, no unsaved block can be written. (Reads
+//! of many blocks read the live bytes first, unlocked, and then replace every block found
+//! saved: see `CheckpointImage::read_at`.)
 //!
 //! Saved blocks go to an unlinked file under `STORE/data/cow/`: they live only as long as the
 //! engine (a crash or restart leaves nothing behind, and the checkpoint is gone; see the
@@ -224,35 +226,32 @@ impl ImageSource for CheckpointImage {
         }
         let n = buf.len().min((size - off) as usize);
         let bs = self.saver.block_size as u64;
-        // Held for the whole read: no unsaved block can be written meanwhile (see module doc).
-        let _g = self.disk.cow().lock();
-        self.saver.failed()?;
-        let st = self.saver.state.lock();
-        let mut done = 0usize;
-        while done < n {
-            let pos = off + done as u64;
-            let b = pos / bs;
-            let inb = pos % bs;
-            if let Some(&slot) = st.slots.get(&b) {
-                let take = ((bs - inb) as usize).min(n - done);
-                self.saver
-                    .file
-                    .read_exact_at(&mut buf[done..done + take], slot * bs + inb)
-                    .map_err(Error::io("read", &self.saver.path))?;
-                done += take;
-                continue;
-            }
-            // A run of unsaved blocks reads from the live image in one go.
-            let mut end = (b + 1) * bs;
-            while end < off + n as u64 && !st.slots.contains_key(&(end / bs)) {
-                end += bs;
-            }
-            let take = ((end - pos) as usize).min(n - done);
-            self.disk
-                .file()
-                .read_exact_at(&mut buf[done..done + take], pos)
-                .map_err(Error::io("read", self.disk.image()))?;
-            done += take;
+        // Read the live bytes first, without the mutex (so the VM's writes are not held up
+        // by our I/O). Every block written since the checkpoint was saved before its write
+        // began, so a block found unsaved *after* this read was not written during it, and a
+        // block found saved is taken from the save file instead.
+        self.disk
+            .file()
+            .read_exact_at(&mut buf[..n], off)
+            .map_err(Error::io("read", self.disk.image()))?;
+        let saved: Vec<(u64, u64)> = {
+            let _g = self.disk.cow().lock();
+            self.saver.failed()?;
+            let st = self.saver.state.lock();
+            st.slots
+                .range(off / bs..=(off + n as u64 - 1) / bs)
+                .map(|(&b, &s)| (b, s))
+                .collect()
+        };
+        for (b, slot) in saved {
+            // The part of block b inside [off, off + n).
+            let start = (b * bs).max(off);
+            let end = ((b + 1) * bs).min(off + n as u64);
+            let dst = &mut buf[(start - off) as usize..(end - off) as usize];
+            self.saver
+                .file
+                .read_exact_at(dst, slot * bs + (start - b * bs))
+                .map_err(Error::io("read", &self.saver.path))?;
         }
         Ok(n)
     }

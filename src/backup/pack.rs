@@ -254,7 +254,9 @@ impl PackCache {
         PackCache {
             dir,
             block_size,
-            open: Mutex::new(lru::LruCache::new(NonZeroUsize::new(64).expect("non-zero"))),
+            open: Mutex::new(lru::LruCache::new(
+                NonZeroUsize::new(256).expect("non-zero"),
+            )),
         }
     }
 
