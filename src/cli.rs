@@ -62,6 +62,42 @@ pub enum Command {
     },
     /// Unmount, waiting until the daemon has flushed tracking state; clears a dead mount
     Umount { mountpoint: PathBuf },
+    /// Checkpoint NAME, copy its blocks into the store, demote it: a restorable point
+    Backup {
+        name: String,
+        /// Copy every non-zero block, whatever earlier backups hold
+        #[arg(long, conflicts_with = "since")]
+        full: bool,
+        /// Copy the blocks changed since this restorable point (default: the newest one)
+        #[arg(long, value_name = "REF")]
+        since: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a point's image of one disk as a sparse raw file
+    Restore {
+        #[arg(value_name = "REF")]
+        point: String,
+        #[arg(long, value_name = "NAME")]
+        disk: String,
+        #[arg(long, value_name = "PATH")]
+        to: PathBuf,
+        /// Overwrite PATH if it exists
+        #[arg(long)]
+        force: bool,
+    },
+    /// Check every stored block of one restorable point, or of all, against its checksum
+    Verify {
+        #[arg(value_name = "REF")]
+        point: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete older restorable points, keeping the newest N (every kept point stays exact)
+    Prune {
+        #[arg(long, value_name = "N")]
+        keep_last: u32,
+    },
     /// The store, its disks and their tracking state
     Status {
         #[arg(long)]
@@ -90,12 +126,18 @@ pub struct Json {
 
 #[derive(Debug, Subcommand)]
 pub enum RefCmd {
-    /// Create a reference point (metadata only)
+    /// Create a reference point (metadata only), or with --checkpoint a stable image
     Create {
         name: String,
         #[arg(long)]
         owner: Option<String>,
+        /// Keep the point's image readable (copy-on-write) until `ref demote`; lasts as long
+        /// as the mounted daemon (without a mount it ends with this command)
+        #[arg(long)]
+        checkpoint: bool,
     },
+    /// Drop a checkpoint's saved data, leaving a plain point
+    Demote { name: String },
     /// List reference points, oldest first
     List {
         #[arg(long)]

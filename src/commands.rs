@@ -5,6 +5,7 @@ use std::io::Write;
 
 use serde_json::Value;
 
+use crate::backup::{self, manage::PruneReport, progress::Bar, run::BackupReport};
 use crate::cli::{Cli, Command, DiskCmd, RefCmd};
 use crate::config::Config;
 use crate::control::{self, Request};
@@ -20,6 +21,7 @@ pub fn run(cli: Cli) -> Result<()> {
     let config = Config::load(cli.config.as_deref())?;
     let root = config.store_path(cli.store.as_deref());
     let out = &mut std::io::stdout().lock();
+    let quiet = cli.quiet;
     match cli.command {
         Command::Init { block_size } => {
             let bs = match block_size.or(config.block_size.clone()) {
@@ -66,21 +68,37 @@ pub fn run(cli: Cli) -> Result<()> {
             control::run(&s, &Request::DiskRemove { name: name.clone() })?;
             emit(out, format!("disk {name} removed (its image is untouched)"))
         }
-        Command::Ref(RefCmd::Create { name, owner }) => {
+        Command::Ref(RefCmd::Create {
+            name,
+            owner,
+            checkpoint,
+        }) => {
             let s = Store::open(&root)?;
             let v = control::run(
                 &s,
                 &Request::RefCreate {
                     name,
                     owner,
-                    checkpoint: false,
+                    checkpoint,
                 },
             )?;
             let r: RefRecord =
                 serde_json::from_value(v).map_err(|e| Error::Daemon(e.to_string()))?;
+            let what = if checkpoint {
+                "checkpoint"
+            } else {
+                "reference point"
+            };
+            emit(out, format!("created {what} {} ({})", r.name, seqs(&r)))
+        }
+        Command::Ref(RefCmd::Demote { name }) => {
+            let s = Store::open(&root)?;
+            let v = control::run(&s, &Request::RefDemote { name })?;
+            let r: RefRecord =
+                serde_json::from_value(v).map_err(|e| Error::Daemon(e.to_string()))?;
             emit(
                 out,
-                format!("created reference point {} ({})", r.name, seqs(&r)),
+                format!("demoted {} to a {} point", r.name, state_name(&r)),
             )
         }
         Command::Ref(RefCmd::List { owner, json }) => {
@@ -198,6 +216,114 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Umount { mountpoint } => {
             let msg = crate::daemon::umount(&mountpoint)?;
             emit(out, msg)
+        }
+        Command::Backup {
+            name,
+            full,
+            since,
+            json,
+        } => {
+            let s = Store::open(&root)?;
+            let bar = Bar::new(quiet);
+            let v = control::run_with(&s, &Request::Backup { name, full, since }, &bar)?;
+            let r: BackupReport =
+                serde_json::from_value(v.clone()).map_err(|e| Error::Daemon(e.to_string()))?;
+            for w in &r.warnings {
+                eprintln!("vmref: warning: {w}");
+            }
+            if json {
+                return print_json(out, &v);
+            }
+            let b = r.point.backup.as_ref();
+            emit(
+                out,
+                format!(
+                    "backup {}: {}{}, {} blocks stored ({})",
+                    r.point.name,
+                    b.map(|b| b.kind.as_str()).unwrap_or("?"),
+                    b.and_then(|b| b.since.as_ref())
+                        .map(|s| format!(" since {s}"))
+                        .unwrap_or_default(),
+                    b.map(|b| b.stored_blocks).unwrap_or(0),
+                    human(b.map(|b| b.stored_bytes).unwrap_or(0)),
+                ),
+            )
+        }
+        Command::Restore {
+            point,
+            disk,
+            to,
+            force,
+        } => {
+            let s = Store::open(&root)?;
+            let r = backup::restore::restore(&s, &point, &disk, &to, force, &Bar::new(quiet))?;
+            emit(
+                out,
+                format!(
+                    "restored {} disk {} to {} ({}, {} of data)",
+                    r.point,
+                    r.disk,
+                    to.display(),
+                    human(r.size),
+                    human(r.data_bytes)
+                ),
+            )
+        }
+        Command::Verify { point, json } => {
+            let s = Store::open(&root)?;
+            let r = backup::verify::verify(&s, point.as_deref(), &Bar::new(quiet))?;
+            if json {
+                print_json(out, &serde_json::to_value(&r).expect("serializes"))?;
+            } else {
+                for d in &r.damaged {
+                    let at = d.block.map(|b| format!(" block {b}")).unwrap_or_default();
+                    emit(
+                        out,
+                        format!("damaged: point {} disk {}{at}: {}", d.point, d.disk, d.what),
+                    )?;
+                }
+                emit(
+                    out,
+                    format!(
+                        "checked {} stored blocks ({}) of {} point(s): {}",
+                        r.checked_blocks,
+                        human(r.checked_bytes),
+                        r.points.len(),
+                        if r.damaged.is_empty() {
+                            "all good".to_string()
+                        } else {
+                            format!("{} damaged", r.damaged.len())
+                        }
+                    ),
+                )?;
+            }
+            if r.damaged.is_empty() {
+                Ok(())
+            } else {
+                Err(Error::VerifyFailed(r.damaged.len() as u64))
+            }
+        }
+        Command::Prune { keep_last } => {
+            let s = Store::open(&root)?;
+            let v = control::run(&s, &Request::Prune { keep_last })?;
+            let r: PruneReport =
+                serde_json::from_value(v).map_err(|e| Error::Daemon(e.to_string()))?;
+            if r.deleted.is_empty() {
+                return emit(
+                    out,
+                    format!("nothing to prune ({} restorable point(s))", r.kept.len()),
+                );
+            }
+            emit(
+                out,
+                format!(
+                    "pruned {} point(s) ({}), kept {}, freed {}",
+                    r.deleted.len(),
+                    r.deleted.join(", "),
+                    r.kept.len(),
+                    human(r.freed_bytes)
+                ),
+            )
         }
         Command::Status { json } => {
             let s = Store::open(&root)?;

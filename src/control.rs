@@ -12,6 +12,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use crate::backup::{self, NoProgress, Progress};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::store::Store;
@@ -27,6 +28,20 @@ pub enum Request {
     },
     RefDelete {
         name: String,
+    },
+    /// Drop a checkpoint's copy-on-write data, leaving a plain point.
+    RefDemote {
+        name: String,
+    },
+    /// Checkpoint, copy, commit as restorable, demote (see `backup::run`).
+    Backup {
+        name: String,
+        full: bool,
+        since: Option<String>,
+    },
+    /// Delete all but the newest `keep_last` restorable points.
+    Prune {
+        keep_last: u32,
     },
     Changes {
         since: String,
@@ -48,6 +63,14 @@ pub enum Request {
 /// # Errors
 /// Whatever the operation reports.
 pub fn execute(engine: &Engine, req: &Request) -> Result<Value> {
+    execute_with(engine, req, &NoProgress)
+}
+
+/// `execute`, reporting the progress of long operations (a backup) to `progress`.
+///
+/// # Errors
+/// Whatever the operation reports.
+pub fn execute_with(engine: &Engine, req: &Request, progress: &dyn Progress) -> Result<Value> {
     let store = engine.store();
     Ok(match req {
         Request::RefCreate {
@@ -55,14 +78,23 @@ pub fn execute(engine: &Engine, req: &Request) -> Result<Value> {
             owner,
             checkpoint,
         } => {
-            if *checkpoint {
-                return Err(Error::Refused(
-                    "checkpoints need the backup engine, which this build lacks".into(),
-                ));
-            }
-            json!(engine.ref_create(name, owner.as_deref(), RefState::Plain)?)
+            let state = if *checkpoint {
+                RefState::Checkpoint
+            } else {
+                RefState::Plain
+            };
+            json!(engine.ref_create(name, owner.as_deref(), state)?)
         }
-        Request::RefDelete { name } => json!(engine.ref_delete(name)?),
+        Request::RefDelete { name } => json!(backup::manage::delete(engine, name)?),
+        Request::RefDemote { name } => json!(backup::manage::demote(engine, name)?),
+        Request::Backup { name, full, since } => json!(backup::run::backup(
+            engine,
+            name,
+            *full,
+            since.as_deref(),
+            progress
+        )?),
+        Request::Prune { keep_last } => json!(backup::manage::prune(engine, *keep_last)?),
         Request::Changes { since, disk } => json!(engine.changes(since, disk.as_deref())?),
         Request::DiskAdd { name, image } => json!(engine.disk_add(name, image)?),
         Request::DiskRemove { name } => {
@@ -150,9 +182,18 @@ pub fn call(store: &Store, req: &Request) -> Result<Value> {
 /// Run `req` on the store's owner: in this process when the store is free, else through the
 /// mounted daemon.
 pub fn run(store: &Store, req: &Request) -> Result<Value> {
+    run_with(store, req, &NoProgress)
+}
+
+/// `run`, reporting progress when the request runs in this process (a daemon's progress is
+/// not shown).
+///
+/// # Errors
+/// As `run`.
+pub fn run_with(store: &Store, req: &Request, progress: &dyn Progress) -> Result<Value> {
     match Engine::open(store.clone()) {
         Ok(engine) => {
-            let v = execute(&engine, req)?;
+            let v = execute_with(&engine, req, progress)?;
             engine.close()?;
             Ok(v)
         }

@@ -22,7 +22,7 @@ use crate::control::{self, Request};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::fs::fuse::FuseFs;
-use crate::fs::{Fs, STORE_XATTR, points};
+use crate::fs::{Fs, STORE_XATTR};
 use crate::store::Store;
 use crate::store::lock::StoreLock;
 use crate::sys;
@@ -235,12 +235,7 @@ fn serve_inner(
             .map_err(Error::io("start the control thread for", mp))?;
     }
     let (uid, gid) = sys::uid_gid();
-    let fs = Arc::new(Fs::new(
-        engine.clone(),
-        points::for_engine(&engine),
-        uid,
-        gid,
-    ));
+    let fs = Arc::new(Fs::new(engine.clone(), engine.clone(), uid, gid));
     let config = fuse_config(opts.allow_other);
     let session = Session::new(FuseFs::new(fs), mp, &config).map_err(|e| {
         let _ = std::fs::remove_file(&socket);

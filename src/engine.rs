@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use parking_lot::{Mutex, RwLock};
+use parking_lot::{Mutex, MutexGuard, RwLock};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
@@ -26,9 +26,11 @@ pub struct Engine {
     store: Store,
     _lock: StoreLock,
     disks: RwLock<BTreeMap<String, Arc<LiveDisk>>>,
-    /// Serialises operations that change the catalog (points, disks).
+    /// Serialises operations that change the catalog (points, disks, backups, prunes).
     ops: Mutex<()>,
     closed: Mutex<bool>,
+    /// Open checkpoints and open packs (see `backup`).
+    pub(crate) backup: crate::backup::EngineState,
 }
 
 /// Changed extents of one disk.
@@ -65,6 +67,9 @@ impl Engine {
     pub fn open(store: Store) -> Result<Engine> {
         let lock = StoreLock::try_acquire(store.root())?;
         store.sweep();
+        // Finish or undo what a crashed backup, prune or delete left, demote checkpoints
+        // (their copy-on-write data died with the process).
+        crate::backup::manage::recover(&store)?;
         let refs = store.refs()?;
         let mut disks = BTreeMap::new();
         for rec in store.disks()? {
@@ -72,6 +77,7 @@ impl Engine {
             disks.insert(rec.name.clone(), Arc::new(disk));
         }
         Ok(Engine {
+            backup: crate::backup::EngineState::new(&store),
             store,
             _lock: lock,
             disks: RwLock::new(disks),
@@ -163,12 +169,30 @@ impl Engine {
         owner: Option<&str>,
         state: RefState,
     ) -> Result<RefRecord> {
+        let _op = self.ops.lock();
+        self.ref_create_locked(name, owner, state, true)
+    }
+
+    /// Hold the catalog lock (for operations in `backup` that span several steps).
+    pub(crate) fn lock_ops(&self) -> MutexGuard<'_, ()> {
+        self.ops.lock()
+    }
+
+    /// `ref_create` with the catalog lock already held. A `Checkpoint` starts copy-on-write
+    /// while writers are still quiesced. With `persist` false the record is not written
+    /// (a backup writes it once its data is in place: that rename is its commit point).
+    pub(crate) fn ref_create_locked(
+        &self,
+        name: &str,
+        owner: Option<&str>,
+        state: RefState,
+        persist: bool,
+    ) -> Result<RefRecord> {
         names::validate(name)?;
         if let Some(o) = owner {
             validate_owner(o)?;
         }
-        let _op = self.ops.lock();
-        if self.store.ref_exists(name) {
+        if self.store.ref_exists(name) || self.backup.checkpoint(name).is_some() {
             return Err(Error::RefExists(name.to_string()));
         }
         let serial = self
@@ -203,12 +227,19 @@ impl Engine {
             disks: points,
             backup: None,
         };
-        self.store.write_ref(&rec)?;
+        if state == RefState::Checkpoint {
+            self.backup.begin_checkpoint(&self.store, &rec, &disks)?;
+        }
+        if persist && let Err(e) = self.store.write_ref(&rec) {
+            self.backup.end_checkpoint(name);
+            return Err(e);
+        }
         drop(guards);
         Ok(rec)
     }
 
-    /// Delete a metadata-only point. (Points with backup data go through `backup::delete`.)
+    /// Delete a metadata-only point. (`control` deletes through `backup::manage::delete`, which
+    /// also drops checkpoint state and backup data.)
     pub fn ref_delete(&self, name: &str) -> Result<RefRecord> {
         let _op = self.ops.lock();
         let rec = self.store.read_ref(name)?;
@@ -279,6 +310,8 @@ impl Engine {
         if *closed {
             return Ok(());
         }
+        // Checkpoints live only as long as the engine: record them as plain points.
+        crate::backup::manage::demote_all(self)?;
         for d in self.disks() {
             d.close()?;
         }

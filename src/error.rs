@@ -62,6 +62,12 @@ pub enum Error {
     },
     #[error("{0}")]
     Refused(String),
+    #[error("{0} exists; pass --force to overwrite it")]
+    Exists(PathBuf),
+    #[error("reference point {0:?} has no backup data (it is not restorable)")]
+    NotRestorable(String),
+    #[error("verify found {0} damaged block(s) or file(s)")]
+    VerifyFailed(u64),
     #[error("daemon: {0}")]
     Daemon(String),
     /// A request on a path in the mount that the filesystem refuses or cannot find.
@@ -125,7 +131,8 @@ impl Error {
         match self {
             Error::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
             Error::Format { .. } | Error::TrackingLost { .. } => libc::EIO,
-            Error::NoSuchRef(_) | Error::NoSuchDisk(_) => libc::ENOENT,
+            Error::NoSuchRef(_) | Error::NoSuchDisk(_) | Error::NotRestorable(_) => libc::ENOENT,
+            Error::Exists(_) => libc::EEXIST,
             Error::OutOfRange { .. } => libc::EINVAL,
             Error::Locked(_) => libc::EBUSY,
             Error::Refused(_) => libc::EROFS,

@@ -1,6 +1,7 @@
 //! vmref: resilient change tracking, reference points and point-in-time images for raw VM
 //! disks on Linux. See DESIGN.md for the concepts and the six invariants.
 
+pub mod backup;
 pub mod cli;
 pub mod commands;
 pub mod config;

@@ -6,6 +6,10 @@
 //! taken exclusively to make a stable state, so in-flight writes finish first and new ones
 //! wait. The tracker sits behind its own short mutex: stamping is a few memory stores, and the
 //! data I/O happens with no lock but the shared gate held.
+//!
+//! Copy-on-write for open checkpoints (`backup::cow`): after stamping and before the data
+//! write, the first write to each block since a checkpoint saves the block's old bytes, under
+//! the disk's copy-on-write mutex (a no-op when no checkpoint is open).
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -13,6 +17,7 @@ use std::path::{Path, PathBuf};
 
 use parking_lot::{Mutex, RwLock, RwLockWriteGuard};
 
+use crate::backup::cow::DiskCow;
 use crate::error::{Error, Result};
 use crate::track::{Tracker, identity_of, mapfile::Identity};
 
@@ -25,6 +30,7 @@ pub struct LiveDisk {
     block_size: u32,
     gate: RwLock<()>,
     tracker: Mutex<Tracker>,
+    cow: DiskCow,
 }
 
 /// Open an image for tracked use, refusing what cannot be a disk.
@@ -57,6 +63,7 @@ impl LiveDisk {
             file,
             gate: RwLock::new(()),
             tracker: Mutex::new(tracker),
+            cow: DiskCow::default(),
         }
     }
 
@@ -77,6 +84,10 @@ impl LiveDisk {
     }
     pub fn tracker(&self) -> parking_lot::MutexGuard<'_, Tracker> {
         self.tracker.lock()
+    }
+    /// Copy-on-write state of the checkpoints open on this disk.
+    pub fn cow(&self) -> &DiskCow {
+        &self.cow
     }
 
     /// Read up to `buf.len()` bytes at `off`; short at the end of the disk.
@@ -107,6 +118,8 @@ impl LiveDisk {
         }
         let _shared = self.gate.read();
         self.tracker.lock().before_write(off, len)?;
+        self.cow
+            .before_write(&self.file, self.size, self.block_size, off, len);
         self.file
             .write_all_at(data, off)
             .map_err(Error::io("write", &self.image))

@@ -12,7 +12,6 @@
 //! disk never changes size (EPERM), and no write reaches a live image without the tracker.
 
 pub mod fuse;
-pub mod points;
 
 use std::collections::HashMap;
 use std::os::fd::AsRawFd;

@@ -67,7 +67,7 @@ impl TempFile {
         drop(file);
         fs::rename(&self.tmp, &self.target).map_err(Error::io("rename", &self.tmp))?;
         self.tmp = PathBuf::new();
-        fsync_dir(self.target.parent().unwrap_or(Path::new(".")))
+        fsync_dir(parent_dir(&self.target))
     }
 }
 
@@ -76,6 +76,14 @@ impl Drop for TempFile {
         if !self.tmp.as_os_str().is_empty() {
             let _ = fs::remove_file(&self.tmp);
         }
+    }
+}
+
+/// The directory holding `path`: `.` for a bare file name (whose `parent()` is empty).
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
     }
 }
 
@@ -88,7 +96,7 @@ pub fn fsync_dir(dir: &Path) -> Result<()> {
 /// Remove a file and make the removal durable; a missing file is not an error.
 pub fn remove_durable(path: &Path) -> Result<()> {
     match fs::remove_file(path) {
-        Ok(()) => fsync_dir(path.parent().unwrap_or(Path::new("."))),
+        Ok(()) => fsync_dir(parent_dir(path)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(Error::io("remove", path)(e)),
     }

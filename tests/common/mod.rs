@@ -12,6 +12,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::RwLock;
+
+mod backup_env;
+#[allow(unused_imports)]
+pub use backup_env::*;
 use vmref::image::{ImageSource, MemImage, PointSource};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_vmref");

@@ -1,0 +1,253 @@
+//! Point lifecycle beyond creation: demote a checkpoint, delete a point (with its backup data),
+//! prune old restorable points, and recovery at engine open.
+//!
+//! Atomicity (invariant 4): a delete commits by removing the point's record; a prune, which
+//! removes several records, commits by renaming its journal into place and is rolled forward
+//! from the journal by the next engine open if it was interrupted. Unreferenced data is
+//! collected afterwards (`gc`). Every remaining point keeps its own complete index, so a
+//! delete never changes what another point reads.
+
+use serde::{Deserialize, Serialize};
+
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use crate::format::{self, Kind};
+use crate::store::records::{RefRecord, RefState};
+use crate::store::{Store, atomic};
+
+use super::gc;
+
+/// Do not modify the magic: identifies prune journals.
+pub const PRUNE_JOURNAL: Kind = Kind {
+    magic: b"VMREFPRJ",
+    major: 1,
+    minor: 0,
+};
+
+/// The points a prune deletes: name and id, so a point re-created under the same name after
+/// the prune is never touched by a roll-forward.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PruneJournal {
+    pub points: Vec<(String, String)>,
+}
+
+fn journal_path(store: &Store) -> std::path::PathBuf {
+    store.data_dir().join("prune.journal")
+}
+
+fn remove_if_same(store: &Store, name: &str, id: &str) -> Result<()> {
+    match store.read_ref(name) {
+        Ok(r) if r.id == id => store.remove_ref_record(name),
+        Ok(_) | Err(Error::NoSuchRef(_)) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Finish what an interrupted operation committed, demote checkpoints left by a dead engine,
+/// and collect garbage if a collection is owed. Runs at engine open, with the store lock held.
+///
+/// # Errors
+/// I/O failures; `Format` for a damaged journal.
+pub fn recover(store: &Store) -> Result<()> {
+    let data = store.data_dir();
+    if !data.is_dir() {
+        return Ok(());
+    }
+    for d in [super::packs_dir(store), super::index_dir(store)] {
+        atomic::sweep_temp_files(&d);
+    }
+    // Save files are unlinked at creation; anything here is from a crash in between.
+    if let Ok(rd) = std::fs::read_dir(super::cow_dir(store)) {
+        for e in rd.flatten() {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+    let jp = journal_path(store);
+    match std::fs::read(&jp) {
+        Ok(b) => {
+            let j: PruneJournal =
+                format::decode(PRUNE_JOURNAL, &b).map_err(|source| Error::Format {
+                    path: jp.clone(),
+                    source,
+                })?;
+            log::info!(
+                "finishing an interrupted prune of {} point(s)",
+                j.points.len()
+            );
+            for (name, id) in &j.points {
+                remove_if_same(store, name, id)?;
+            }
+            atomic::remove_durable(&jp)?;
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::io("read", &jp)(e)),
+    }
+    for r in store.refs()? {
+        if r.state == RefState::Checkpoint {
+            log::info!(
+                "checkpoint {} did not survive the restart: now a plain point",
+                r.name
+            );
+            store.write_ref(&RefRecord {
+                state: RefState::Plain,
+                ..r
+            })?;
+        }
+    }
+    if gc::is_pending(store) {
+        gc::collect(store, None)?;
+        gc::clear_pending(store)?;
+    }
+    Ok(())
+}
+
+/// Demote every open checkpoint (the engine is closing).
+///
+/// # Errors
+/// I/O failures writing records.
+pub fn demote_all(engine: &Engine) -> Result<()> {
+    let _op = engine.lock_ops();
+    for cp in engine.backup.checkpoints() {
+        demote_locked(engine, &cp.rec.name)?;
+    }
+    Ok(())
+}
+
+fn demote_locked(engine: &Engine, name: &str) -> Result<RefRecord> {
+    let store = engine.store();
+    engine.backup.end_checkpoint(name);
+    let rec = store.read_ref(name)?;
+    if rec.state != RefState::Checkpoint {
+        return Ok(rec);
+    }
+    let rec = RefRecord {
+        state: if rec.backup.is_some() {
+            RefState::Restorable
+        } else {
+            RefState::Plain
+        },
+        ..rec
+    };
+    store.write_ref(&rec)?;
+    Ok(rec)
+}
+
+/// `ref demote NAME`: drop a checkpoint's saved data, leaving a plain point.
+///
+/// # Errors
+/// `NoSuchRef`; `Refused` when the point is not an open checkpoint.
+pub fn demote(engine: &Engine, name: &str) -> Result<RefRecord> {
+    let _op = engine.lock_ops();
+    let rec = engine.store().read_ref(name)?;
+    if rec.state != RefState::Checkpoint {
+        return Err(Error::Refused(format!(
+            "reference point {name:?} is not a checkpoint"
+        )));
+    }
+    demote_locked(engine, name)
+}
+
+/// `ref delete NAME`: remove the point (the record's removal is the commit point), then any
+/// checkpoint state and backup data nothing else needs.
+///
+/// # Errors
+/// `NoSuchRef`; I/O failures (before the commit the point is intact).
+pub fn delete(engine: &Engine, name: &str) -> Result<RefRecord> {
+    let _op = engine.lock_ops();
+    let store = engine.store();
+    let rec = store.read_ref(name)?;
+    let has_data = rec.state == RefState::Restorable;
+    if has_data {
+        super::ensure_dirs(store)?;
+        gc::mark_pending(store)?;
+    }
+    store.remove_ref_record(name)?;
+    engine.backup.end_checkpoint(name);
+    if has_data {
+        gc::collect(store, Some(&engine.backup.packs))?;
+        gc::clear_pending(store)?;
+    }
+    Ok(rec)
+}
+
+/// What a prune did.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PruneReport {
+    pub deleted: Vec<String>,
+    pub kept: Vec<String>,
+    pub freed_bytes: u64,
+}
+
+/// `prune --keep-last N`: delete every restorable point but the newest `keep`.
+///
+/// # Errors
+/// `Refused` for `keep == 0`; I/O failures (before the journal is in place nothing changed;
+/// after, the next engine open finishes the prune).
+pub fn prune(engine: &Engine, keep: u32) -> Result<PruneReport> {
+    if keep == 0 {
+        return Err(Error::Refused(
+            "--keep-last must be at least 1 (use `ref delete` to remove every point)".into(),
+        ));
+    }
+    let _op = engine.lock_ops();
+    let store = engine.store();
+    let restorable: Vec<RefRecord> = store
+        .refs()?
+        .into_iter()
+        .filter(|r| r.state == RefState::Restorable)
+        .collect();
+    let cut = restorable.len().saturating_sub(keep as usize);
+    let (old, kept) = restorable.split_at(cut);
+    let mut report = PruneReport {
+        deleted: old.iter().map(|r| r.name.clone()).collect(),
+        kept: kept.iter().map(|r| r.name.clone()).collect(),
+        freed_bytes: 0,
+    };
+    if old.is_empty() {
+        return Ok(report);
+    }
+    super::ensure_dirs(store)?;
+    gc::mark_pending(store)?;
+    let journal = PruneJournal {
+        points: old.iter().map(|r| (r.name.clone(), r.id.clone())).collect(),
+    };
+    let jp = journal_path(store);
+    // The commit point: from here on the prune happens, now or at the next open.
+    atomic::write_atomic(&jp, &format::encode(PRUNE_JOURNAL, &journal))?;
+    for (name, id) in &journal.points {
+        remove_if_same(store, name, id)?;
+    }
+    atomic::remove_durable(&jp)?;
+    let gc = gc::collect(store, Some(&engine.backup.packs))?;
+    gc::clear_pending(store)?;
+    report.freed_bytes = gc.bytes;
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn journal_round_trip_and_damage() {
+        let j = PruneJournal {
+            points: vec![("a".into(), "01".into()), ("b".into(), "02".into())],
+        };
+        let b = format::encode(PRUNE_JOURNAL, &j);
+        assert_eq!(
+            format::decode::<PruneJournal>(PRUNE_JOURNAL, &b).unwrap(),
+            j
+        );
+        for i in 0..b.len() * 8 {
+            let mut c = b.clone();
+            c[i / 8] ^= 1 << (i % 8);
+            assert!(
+                format::decode::<PruneJournal>(PRUNE_JOURNAL, &c).is_err(),
+                "bit {i}"
+            );
+        }
+        for n in 0..b.len() {
+            assert!(format::decode::<PruneJournal>(PRUNE_JOURNAL, &b[..n]).is_err());
+        }
+    }
+}

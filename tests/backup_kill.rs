@@ -1,0 +1,155 @@
+//! kill -9 of `vmref backup`, `prune` and `ref delete` at random moments: afterwards the store
+//! is as before the operation or as after it, every remaining point restores exactly, verify
+//! passes, and no unreferenced backup data is left once the store has been opened again.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::{Env, Rng, assert_same};
+
+fn kill_at(e: &Env, args: &[&str], after: Duration) -> bool {
+    let mut child = e
+        .cmd(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(after);
+    let finished = matches!(child.try_wait(), Ok(Some(_)));
+    // SIGKILL (a no-op on a process that already exited and was not yet reaped).
+    let _ = child.kill();
+    let _ = child.wait();
+    finished
+}
+
+/// Open the store (recovery runs), then check that every point restores exactly and that the
+/// data directory holds nothing unreferenced.
+fn check(e: &Env, models: &BTreeMap<String, Vec<u8>>, all: bool, rng: &mut Rng) -> Vec<String> {
+    e.ok(&["status"]);
+    let pts = e.restorable();
+    for p in &pts {
+        assert!(models.contains_key(p), "unknown point {p}");
+    }
+    assert_eq!(
+        e.data_files("index").len(),
+        pts.len(),
+        "one index per point"
+    );
+    assert!(!e.store.join("data/gc.pending").exists());
+    assert!(!e.store.join("data/prune.journal").exists());
+    let tmp: Vec<_> = ["packs", "index"]
+        .iter()
+        .flat_map(|d| e.data_files(d))
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with('.'))
+        .collect();
+    assert!(tmp.is_empty(), "temp files left: {tmp:?}");
+    let pick: Vec<&String> = if all || pts.len() < 3 {
+        pts.iter().collect()
+    } else {
+        vec![
+            &pts[pts.len() - 1],
+            &pts[rng.below(pts.len() as u64) as usize],
+        ]
+    };
+    for p in pick {
+        assert_same(p, &e.restore(p), &models[p]);
+    }
+    pts
+}
+
+#[test]
+fn kill_9_at_random_moments_leaves_before_or_after() {
+    let mut rng = Rng(std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1);
+    eprintln!("seed {}", rng.0);
+    let size = 16 << 20;
+    let mut init = vec![0u8; 12 << 20];
+    rng.fill(&mut init);
+    let mut e = Env::new(size, &init);
+    let mut models = BTreeMap::new();
+
+    // Time an undisturbed full backup to spread the kills over its whole run.
+    let t = Instant::now();
+    e.ok(&["backup", "base"]);
+    let full_ms = t.elapsed().as_millis() as u64 + 5;
+    models.insert("base".to_string(), e.model.clone());
+    let mut trials = 0;
+
+    // Backups (full and incremental), killed.
+    for i in 0..10 {
+        e.random_writes(&mut rng, 40);
+        let name = format!("k{i}");
+        let mut args = vec!["backup", name.as_str()];
+        if i % 3 == 0 {
+            args.push("--full");
+        }
+        let before = e.restorable();
+        let ms = rng.below(full_ms);
+        let done = kill_at(&e, &args, Duration::from_millis(ms));
+        models.insert(name.clone(), e.model.clone());
+        let after = check(&e, &models, false, &mut rng);
+        let mut with = before.clone();
+        with.push(name.clone());
+        assert!(
+            after == before || after == with,
+            "backup {name} killed at {ms} ms: {after:?}"
+        );
+        eprintln!(
+            "backup {name} killed at {ms} ms: {} (finished before the kill: {done})",
+            if after == with { "committed" } else { "absent" }
+        );
+        trials += 1;
+    }
+
+    // Deletes, killed.
+    for _ in 0..5 {
+        e.random_writes(&mut rng, 10);
+        let name = format!("d{trials}");
+        e.ok(&["backup", &name]);
+        models.insert(name.clone(), e.model.clone());
+        let before = e.restorable();
+        let victim = before[rng.below(before.len() as u64) as usize].clone();
+        let ms = rng.below(25);
+        kill_at(&e, &["ref", "delete", &victim], Duration::from_millis(ms));
+        let after = check(&e, &models, false, &mut rng);
+        let without: Vec<_> = before.iter().filter(|p| **p != victim).cloned().collect();
+        assert!(
+            after == before || after == without,
+            "delete {victim} at {ms} ms: {after:?}"
+        );
+        trials += 1;
+    }
+
+    // Prunes, killed.
+    for _ in 0..5 {
+        for _ in 0..2 {
+            e.random_writes(&mut rng, 10);
+            let name = format!("p{trials}_{}", rng.below(1000));
+            e.ok(&["backup", &name]);
+            models.insert(name, e.model.clone());
+        }
+        let before = e.restorable();
+        let keep = 2 + rng.below(before.len() as u64 - 2) as usize;
+        let ms = rng.below(30);
+        kill_at(
+            &e,
+            &["prune", "--keep-last", &keep.to_string()],
+            Duration::from_millis(ms),
+        );
+        let after = check(&e, &models, false, &mut rng);
+        let pruned = before[before.len() - keep..].to_vec();
+        assert!(
+            after == before || after == pruned,
+            "prune --keep-last {keep} at {ms} ms: {after:?}"
+        );
+        trials += 1;
+    }
+    assert!(trials >= 20);
+    check(&e, &models, true, &mut rng);
+    assert!(e.ok(&["verify"]).contains("all good"));
+}

@@ -1,0 +1,179 @@
+//! Helpers shared by the backup tests: a temp store with one disk, the CLI, writes through the
+//! library (a write to the image behind vmref's back would be detected as an outside write),
+//! and a model of the disk's bytes at every point.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use vmref::engine::Engine;
+use vmref::store::Store;
+
+pub const BS: usize = 4096;
+
+/// Deterministic xorshift, so a failure can be replayed from its seed.
+pub struct Rng(pub u64);
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    pub fn fill(&mut self, b: &mut [u8]) {
+        for c in b.chunks_mut(8) {
+            let v = self.next().to_le_bytes();
+            c.copy_from_slice(&v[..c.len()]);
+        }
+    }
+}
+
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub store: PathBuf,
+    pub image: PathBuf,
+    /// What the live disk holds now.
+    pub model: Vec<u8>,
+}
+
+impl Env {
+    /// A store with block size 4K and one disk `disk0` of `size` bytes, with `data` written at
+    /// offset 0 before it is registered (that is not an outside write: tracking starts after).
+    pub fn new(size: usize, data: &[u8]) -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("store");
+        let image = dir.path().join("disk0.img");
+        let f = std::fs::File::create(&image).unwrap();
+        f.set_len(size as u64).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, data, 0).unwrap();
+        drop(f);
+        let mut model = vec![0u8; size];
+        model[..data.len()].copy_from_slice(data);
+        let e = Env {
+            dir,
+            store,
+            image,
+            model,
+        };
+        e.ok(&["init", "--block-size", "4K"]);
+        e.ok(&["disk", "add", "disk0", e.image.to_str().unwrap()]);
+        e
+    }
+
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_vmref"));
+        c.arg("--store").arg(&self.store).args(args);
+        c.env_remove("VMREF_STORE");
+        c
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().unwrap()
+    }
+
+    /// Run and insist on success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let o = self.run(args);
+        assert!(
+            o.status.success(),
+            "vmref {args:?} failed: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8(o.stdout).unwrap()
+    }
+
+    /// Run and insist on failure; returns stderr.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let o = self.run(args);
+        assert!(!o.status.success(), "vmref {args:?} should fail");
+        String::from_utf8(o.stderr).unwrap()
+    }
+
+    /// Write through the library, as the mount would, and update the model.
+    pub fn write(&mut self, writes: &[(u64, Vec<u8>)]) {
+        let engine = Engine::open(Store::open(&self.store).unwrap()).unwrap();
+        let d = engine.disk("disk0").unwrap();
+        for (off, data) in writes {
+            d.write_at(data, *off).unwrap();
+            self.model[*off as usize..*off as usize + data.len()].copy_from_slice(data);
+        }
+        engine.close().unwrap();
+    }
+
+    /// A few random writes: random data, random zeros, some unaligned.
+    pub fn random_writes(&mut self, rng: &mut Rng, n: usize) {
+        let size = self.model.len() as u64;
+        let mut w = Vec::new();
+        for _ in 0..n {
+            let len = 1 + rng.below(3 * BS as u64) as usize;
+            let off = rng.below(size - len as u64);
+            let mut data = vec![0u8; len];
+            if rng.below(5) != 0 {
+                rng.fill(&mut data);
+            }
+            w.push((off, data));
+        }
+        self.write(&w);
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Restore `point` and return its bytes.
+    pub fn restore(&self, point: &str) -> Vec<u8> {
+        let to = self.path(&format!("restore-{point}.img"));
+        self.ok(&[
+            "restore",
+            point,
+            "--disk",
+            "disk0",
+            "--to",
+            to.to_str().unwrap(),
+            "--force",
+        ]);
+        let b = std::fs::read(&to).unwrap();
+        std::fs::remove_file(&to).unwrap();
+        b
+    }
+
+    /// Names of restorable points, oldest first.
+    pub fn restorable(&self) -> Vec<String> {
+        let v: serde_json::Value =
+            serde_json::from_str(&self.ok(&["ref", "list", "--json"])).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["state"] == "restorable")
+            .map(|r| r["name"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    pub fn data_files(&self, sub: &str) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(self.store.join("data").join(sub))
+            .map(|rd| rd.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+}
+
+/// Assert two images are equal, naming the first differing block.
+pub fn assert_same(what: &str, got: &[u8], want: &[u8]) {
+    assert_eq!(got.len(), want.len(), "{what}: size");
+    if got != want {
+        let i = got.iter().zip(want).position(|(a, b)| a != b).unwrap();
+        panic!("{what}: first difference at byte {i} (block {})", i / BS);
+    }
+}
+
+pub fn file_allocated(p: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(p).unwrap().blocks() * 512
+}
