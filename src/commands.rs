@@ -27,11 +27,24 @@ pub fn run(cli: Cli) -> Result<()> {
                 None => DEFAULT_BLOCK_SIZE,
             };
             let s = Store::init(&root, bs)?;
-            emit(out, format!("initialized store {} (block size {})", s.root().display(), human(bs as u64)))
+            emit(
+                out,
+                format!(
+                    "initialized store {} (block size {})",
+                    s.root().display(),
+                    human(bs as u64)
+                ),
+            )
         }
         Command::Disk(DiskCmd::Add { name, image }) => {
             let s = Store::open(&root)?;
-            control::run(&s, &Request::DiskAdd { name: name.clone(), image })?;
+            control::run(
+                &s,
+                &Request::DiskAdd {
+                    name: name.clone(),
+                    image,
+                },
+            )?;
             emit(out, format!("disk {name} added"))
         }
         Command::Disk(DiskCmd::List { json }) => {
@@ -41,7 +54,9 @@ pub fn run(cli: Cli) -> Result<()> {
                 return print_json(out, &serde_json::to_value(&disks).expect("serializes"));
             }
             for d in disks {
-                let size = std::fs::metadata(&d.image).map(|m| human(m.len())).unwrap_or_else(|_| "missing".into());
+                let size = std::fs::metadata(&d.image)
+                    .map(|m| human(m.len()))
+                    .unwrap_or_else(|_| "missing".into());
                 emit(out, format!("{}\t{}\t{}", d.name, size, d.image.display()))?;
             }
             Ok(())
@@ -53,9 +68,20 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Ref(RefCmd::Create { name, owner }) => {
             let s = Store::open(&root)?;
-            let v = control::run(&s, &Request::RefCreate { name, owner, checkpoint: false })?;
-            let r: RefRecord = serde_json::from_value(v).map_err(|e| Error::Daemon(e.to_string()))?;
-            emit(out, format!("created reference point {} ({})", r.name, seqs(&r)))
+            let v = control::run(
+                &s,
+                &Request::RefCreate {
+                    name,
+                    owner,
+                    checkpoint: false,
+                },
+            )?;
+            let r: RefRecord =
+                serde_json::from_value(v).map_err(|e| Error::Daemon(e.to_string()))?;
+            emit(
+                out,
+                format!("created reference point {} ({})", r.name, seqs(&r)),
+            )
         }
         Command::Ref(RefCmd::List { owner, json }) => {
             let s = Store::open(&root)?;
@@ -67,16 +93,25 @@ pub fn run(cli: Cli) -> Result<()> {
             if json.json {
                 return print_json(out, &serde_json::to_value(&refs).expect("serializes"));
             }
-            emit(out, format!("{:<24} {:<10} {:<12} {:<20} SEQUENCE", "NAME", "STATE", "OWNER", "CREATED"))?;
+            emit(
+                out,
+                format!(
+                    "{:<24} {:<10} {:<12} {:<20} SEQUENCE",
+                    "NAME", "STATE", "OWNER", "CREATED"
+                ),
+            )?;
             for r in &refs {
-                emit(out, format!(
-                    "{:<24} {:<10} {:<12} {:<20} {}",
-                    r.name,
-                    state_name(r),
-                    r.owner.as_deref().unwrap_or("-"),
-                    rfc3339(r.created_unix),
-                    seqs(r)
-                ))?;
+                emit(
+                    out,
+                    format!(
+                        "{:<24} {:<10} {:<12} {:<20} {}",
+                        r.name,
+                        state_name(r),
+                        r.owner.as_deref().unwrap_or("-"),
+                        rfc3339(r.created_unix),
+                        seqs(r)
+                    ),
+                )?;
             }
             Ok(())
         }
@@ -89,19 +124,28 @@ pub fn run(cli: Cli) -> Result<()> {
             emit(out, format!("name:     {}", r.name))?;
             emit(out, format!("id:       {}", r.id))?;
             emit(out, format!("created:  {}", rfc3339(r.created_unix)))?;
-            emit(out, format!("owner:    {}", r.owner.as_deref().unwrap_or("-")))?;
+            emit(
+                out,
+                format!("owner:    {}", r.owner.as_deref().unwrap_or("-")),
+            )?;
             emit(out, format!("state:    {}", state_name(&r)))?;
             for (d, p) in &r.disks {
                 emit(out, format!("disk:     {d} seq {} size {}", p.seq, p.size))?;
             }
             if let Some(b) = &r.backup {
-                emit(out, format!(
-                    "backup:   {} {} blocks, {} stored{}",
-                    b.kind,
-                    b.stored_blocks,
-                    human(b.stored_bytes),
-                    b.since.as_ref().map(|s| format!(", since {s}")).unwrap_or_default()
-                ))?;
+                emit(
+                    out,
+                    format!(
+                        "backup:   {} {} blocks, {} stored{}",
+                        b.kind,
+                        b.stored_blocks,
+                        human(b.stored_bytes),
+                        b.since
+                            .as_ref()
+                            .map(|s| format!(", since {s}"))
+                            .unwrap_or_default()
+                    ),
+                )?;
             }
             Ok(())
         }
@@ -112,14 +156,25 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Changes { since, disk, json } => {
             let s = Store::open(&root)?;
-            let v = control::run(&s, &Request::Changes { since: since.clone(), disk })?;
+            let v = control::run(
+                &s,
+                &Request::Changes {
+                    since: since.clone(),
+                    disk,
+                },
+            )?;
             if json {
                 return print_json(out, &serde_json::json!({"since": since, "disks": v}));
             }
             for d in v.as_array().into_iter().flatten() {
                 let name = d["disk"].as_str().unwrap_or("?");
                 if d["in_point"] == Value::Bool(false) {
-                    emit(out, format!("# {name}: not registered when {since} was created: all of it is new"))?;
+                    emit(
+                        out,
+                        format!(
+                            "# {name}: not registered when {since} was created: all of it is new"
+                        ),
+                    )?;
                 }
                 for e in d["extents"].as_array().into_iter().flatten() {
                     emit(out, format!("{name}\t{}\t{}", e["offset"], e["length"]))?;
@@ -135,16 +190,22 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             emit(out, format!("store:      {}", s.root().display()))?;
             emit(out, format!("block size: {}", human(s.block_size() as u64)))?;
-            emit(out, format!("points:     {} ({} restorable)", v["refs"], v["restorable"]))?;
+            emit(
+                out,
+                format!("points:     {} ({} restorable)", v["refs"], v["restorable"]),
+            )?;
             for d in v["disks"].as_array().into_iter().flatten() {
-                emit(out, format!(
-                    "disk {}: {} bytes, {}, seq {}, tracking {}",
-                    d["name"].as_str().unwrap_or("?"),
-                    d["size"],
-                    d["image"].as_str().unwrap_or("?"),
-                    d["current_seq"],
-                    d["tracking"].as_str().unwrap_or("?")
-                ))?;
+                emit(
+                    out,
+                    format!(
+                        "disk {}: {} bytes, {}, seq {}, tracking {}",
+                        d["name"].as_str().unwrap_or("?"),
+                        d["size"],
+                        d["image"].as_str().unwrap_or("?"),
+                        d["current_seq"],
+                        d["tracking"].as_str().unwrap_or("?")
+                    ),
+                )?;
             }
             Ok(())
         }

@@ -78,7 +78,11 @@ mod tests {
         assert_eq!(c, Config::default(), "the example only has comments");
         let uncommented: String = ex
             .lines()
-            .map(|l| l.strip_prefix("# ").filter(|r| r.contains(" = ")).unwrap_or(""))
+            .map(|l| {
+                l.strip_prefix("# ")
+                    .filter(|r| r.contains(" = "))
+                    .unwrap_or("")
+            })
             .collect::<Vec<_>>()
             .join("\n");
         let c = Config::parse(&uncommented).unwrap();

@@ -157,7 +157,12 @@ impl Engine {
     ///
     /// # Errors
     /// A bad or duplicate name; I/O errors (then no point exists).
-    pub fn ref_create(&self, name: &str, owner: Option<&str>, state: RefState) -> Result<RefRecord> {
+    pub fn ref_create(
+        &self,
+        name: &str,
+        owner: Option<&str>,
+        state: RefState,
+    ) -> Result<RefRecord> {
         names::validate(name)?;
         if let Some(o) = owner {
             validate_owner(o)?;
@@ -166,7 +171,14 @@ impl Engine {
         if self.store.ref_exists(name) {
             return Err(Error::RefExists(name.to_string()));
         }
-        let serial = self.store.refs()?.iter().map(|r| r.serial).max().unwrap_or(0) + 1;
+        let serial = self
+            .store
+            .refs()?
+            .iter()
+            .map(|r| r.serial)
+            .max()
+            .unwrap_or(0)
+            + 1;
         let disks = self.disks();
         let guards: Vec<_> = disks.iter().map(|d| d.quiesce()).collect();
         let mut points = BTreeMap::new();

@@ -45,7 +45,9 @@ pub enum Error {
     NoSuchDisk(String),
     #[error("image {path} cannot be used: {why}")]
     BadImage { path: PathBuf, why: String },
-    #[error("changes since {since:?} are unknown for disk {disk}: {reason}; the next backup must be full")]
+    #[error(
+        "changes since {since:?} are unknown for disk {disk}: {reason}; the next backup must be full"
+    )]
     TrackingLost {
         disk: String,
         since: String,

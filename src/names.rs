@@ -41,7 +41,13 @@ mod tests {
 
     #[test]
     fn accepts_ordinary_names() {
-        for n in ["a", "nightly-2026.11.25", "R_1", "x".repeat(64).as_str(), "live2"] {
+        for n in [
+            "a",
+            "nightly-2026.11.25",
+            "R_1",
+            "x".repeat(64).as_str(),
+            "live2",
+        ] {
             validate(n).unwrap();
         }
     }

@@ -130,10 +130,7 @@ impl Store {
     /// damaged meta file.
     pub fn open(root: &Path) -> Result<Store> {
         if !root.is_dir() {
-            return Err(Error::NotAStore(
-                root.to_path_buf(),
-                "no such directory",
-            ));
+            return Err(Error::NotAStore(root.to_path_buf(), "no such directory"));
         }
         let mp = root.join(META_FILE);
         let bytes = match fs::read(&mp) {
@@ -143,8 +140,11 @@ impl Store {
             }
             Err(e) => return Err(Error::io("read", &mp)(e)),
         };
-        let meta: StoreMeta = format::decode(format::STORE_META, &bytes)
-            .map_err(|source| Error::Format { path: mp.clone(), source })?;
+        let meta: StoreMeta =
+            format::decode(format::STORE_META, &bytes).map_err(|source| Error::Format {
+                path: mp.clone(),
+                source,
+            })?;
         if parse_block_size(&meta.block_size.to_string()).is_err() {
             return Err(Error::Format {
                 path: mp,
@@ -221,7 +221,10 @@ mod tests {
         let s = Store::init(&root, 65536).unwrap();
         let o = Store::open(&root).unwrap();
         assert_eq!(o.meta().id, s.meta().id);
-        assert!(matches!(Store::init(&root, 65536), Err(Error::StoreExists(_))));
+        assert!(matches!(
+            Store::init(&root, 65536),
+            Err(Error::StoreExists(_))
+        ));
     }
 
     #[test]

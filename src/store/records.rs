@@ -177,7 +177,13 @@ mod tests {
         let (_d, s) = store();
         for (i, n) in ["b", "a", "c"].iter().enumerate() {
             let mut disks = BTreeMap::new();
-            disks.insert("disk0".into(), RefDisk { seq: i as u32 + 1, size: 1 << 20 });
+            disks.insert(
+                "disk0".into(),
+                RefDisk {
+                    seq: i as u32 + 1,
+                    size: 1 << 20,
+                },
+            );
             s.write_ref(&RefRecord {
                 name: n.to_string(),
                 id: crate::store::random_id(),

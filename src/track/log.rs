@@ -89,12 +89,8 @@ impl DirtyLog {
             source,
         };
         let mut h = vec![0u8; PAGE];
-        file.read_exact_at(&mut h, 0).map_err(|_| {
-            ferr(FormatError::Truncated {
-                got: 0,
-                need: PAGE,
-            })
-        })?;
+        file.read_exact_at(&mut h, 0)
+            .map_err(|_| ferr(FormatError::Truncated { got: 0, need: PAGE }))?;
         let n = decode_header(&h).map_err(ferr)?;
         if n != nregions {
             return Err(ferr(FormatError::Invalid {

@@ -47,7 +47,11 @@ pub struct Identity {
 impl Identity {
     pub fn of(meta: &std::fs::Metadata) -> Identity {
         use std::os::unix::fs::MetadataExt;
-        let ns = |s: i64, n: i64| (s as u64).wrapping_mul(1_000_000_000).wrapping_add(n as u64);
+        let ns = |s: i64, n: i64| {
+            (s as u64)
+                .wrapping_mul(1_000_000_000)
+                .wrapping_add(n as u64)
+        };
         Identity {
             dev: meta.dev(),
             ino: meta.ino(),
@@ -224,8 +228,10 @@ impl MapFile {
             table[i * 4..i * 4 + 4].copy_from_slice(&zc);
         }
         let f = tmp.file();
-        f.write_all_at(&hb, 0).map_err(Error::io("write", tmp.path()))?;
-        f.write_all_at(&hb, PAGE as u64).map_err(Error::io("write", tmp.path()))?;
+        f.write_all_at(&hb, 0)
+            .map_err(Error::io("write", tmp.path()))?;
+        f.write_all_at(&hb, PAGE as u64)
+            .map_err(Error::io("write", tmp.path()))?;
         f.write_all_at(&table, 2 * PAGE as u64)
             .map_err(Error::io("write", tmp.path()))?;
         f.set_len(2 * PAGE as u64 + table.len() as u64 + nregions * PAGE as u64)
@@ -257,7 +263,10 @@ impl MapFile {
         let b = if got >= 2 * PAGE {
             MapHeader::decode(&hb[PAGE..])
         } else {
-            Err(FormatError::Truncated { got, need: 2 * PAGE })
+            Err(FormatError::Truncated {
+                got,
+                need: 2 * PAGE,
+            })
         };
         let header = match (a, b) {
             (Ok(a), Ok(b)) => {
@@ -284,7 +293,9 @@ impl MapFile {
         let mut table = vec![0u8; tlen];
         file.read_exact_at(&mut table, 2 * PAGE as u64)
             .map_err(Error::io("read", path))?;
-        let crcs: Vec<u32> = (0..nregions as usize).map(|i| le_u32(&table, i * 4)).collect();
+        let crcs: Vec<u32> = (0..nregions as usize)
+            .map(|i| le_u32(&table, i * 4))
+            .collect();
         let mut mf = MapFile {
             file,
             path: path.to_path_buf(),
@@ -316,7 +327,9 @@ impl MapFile {
                 if c == zc && page.iter().all(|&x| x == 0) {
                     continue;
                 }
-                let stamps: Box<[u32]> = (0..REGION_BLOCKS as usize).map(|k| le_u32(page, k * 4)).collect();
+                let stamps: Box<[u32]> = (0..REGION_BLOCKS as usize)
+                    .map(|k| le_u32(page, k * 4))
+                    .collect();
                 map.set_region(region, stamps);
             }
             r += n;

@@ -94,7 +94,9 @@ impl Tracker {
         let loaded = if map_path.exists() {
             match MapFile::open(&map_path) {
                 Ok(l) => Ok(l),
-                Err(Error::Format { source, .. }) => Err(format!("tracking state is damaged ({source})")),
+                Err(Error::Format { source, .. }) => {
+                    Err(format!("tracking state is damaged ({source})"))
+                }
                 Err(e) => return Err(e),
             }
         } else {
@@ -110,7 +112,13 @@ impl Tracker {
             Ok(x) => x,
             Err(Error::Format { source, .. }) => {
                 let cur = loaded.header.current_seq.max(seq_floor);
-                return Self::restart(store, name, id, cur, format!("dirty-region log is damaged ({source})"));
+                return Self::restart(
+                    store,
+                    name,
+                    id,
+                    cur,
+                    format!("dirty-region log is damaged ({source})"),
+                );
             }
             Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
                 let cur = loaded.header.current_seq.max(seq_floor);
@@ -169,7 +177,13 @@ impl Tracker {
         Ok(t)
     }
 
-    fn restart(store: &Store, name: &str, id: Identity, cur: u32, reason: String) -> Result<Tracker> {
+    fn restart(
+        store: &Store,
+        name: &str,
+        id: Identity,
+        cur: u32,
+        reason: String,
+    ) -> Result<Tracker> {
         ::log::warn!("disk {name}: tracking restarts: {reason}");
         let mut header = fresh_header(store.block_size(), id, cur, &reason);
         header.flags = FLAG_OPEN;
@@ -231,7 +245,8 @@ impl Tracker {
             self.log.mark(&new)?;
             self.marked.extend_from_slice(&new);
         }
-        self.map.stamp(first, last - first + 1, self.header.current_seq);
+        self.map
+            .stamp(first, last - first + 1, self.header.current_seq);
         Ok(())
     }
 

@@ -54,7 +54,10 @@ impl SeqMap {
 
     /// Stamp blocks `start..start+count` with `seq` (never lowering a stamp).
     pub fn stamp(&mut self, start: u64, count: u64, seq: u32) {
-        assert!(start + count <= self.nblocks, "stamp past the end of the map");
+        assert!(
+            start + count <= self.nblocks,
+            "stamp past the end of the map"
+        );
         let mut b = start;
         let end = start + count;
         while b < end {
@@ -149,8 +152,14 @@ mod tests {
         assert_eq!(
             m.changed_since(1),
             vec![
-                BlockRun { start: 1020, count: 10 },
-                BlockRun { start: 2999, count: 1 }
+                BlockRun {
+                    start: 1020,
+                    count: 10
+                },
+                BlockRun {
+                    start: 2999,
+                    count: 1
+                }
             ]
         );
         assert_eq!(m.changed_since(0).len(), 3);

@@ -37,7 +37,10 @@ fn clean_reopen_keeps_exact_changes() {
     let t = Tracker::open(&f.store, "d", id, r1 + 1).unwrap();
     assert_eq!(t.report(), &OpenReport::default());
     assert_eq!(runs(&t, r1), vec![(3, 2)]);
-    assert!(t.changed_since("before", 0).is_err(), "seq 0 predates tracking");
+    assert!(
+        t.changed_since("before", 0).is_err(),
+        "seq 0 predates tracking"
+    );
 }
 
 #[test]
@@ -73,7 +76,13 @@ fn outside_write_resize_and_damage_are_never_silent() {
     drop(w);
     let id2 = identity_of(&f.img).unwrap();
     let mut t = Tracker::open(&f.store, "d", id2, r1 + 1).unwrap();
-    assert!(t.report().lost.as_deref().unwrap().contains("outside the mount"));
+    assert!(
+        t.report()
+            .lost
+            .as_deref()
+            .unwrap()
+            .contains("outside the mount")
+    );
     let e = t.changed_since("R1", r1).unwrap_err().to_string();
     assert!(e.contains("outside the mount"), "{e}");
     // A point made after the restart is exact again.
@@ -106,7 +115,13 @@ fn outside_write_resize_and_damage_are_never_silent() {
 
     fs::remove_file(f.store.log_path("d")).unwrap();
     let t = Tracker::open(&f.store, "d", id3, r2 + 1).unwrap();
-    assert!(t.report().lost.as_deref().unwrap().contains("log is missing"));
+    assert!(
+        t.report()
+            .lost
+            .as_deref()
+            .unwrap()
+            .contains("log is missing")
+    );
 }
 
 #[test]
