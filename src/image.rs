@@ -22,11 +22,14 @@ pub trait ImageSource: Send + Sync {
     fn allocated_bytes(&self) -> u64;
 }
 
+/// A point's name with the names and sizes of its disks.
+pub type PointEntry = (String, Vec<(String, u64)>);
+
 /// The read-only directories the mount shows besides `live/`: restorable points and open
 /// checkpoints, each with its disks.
 pub trait PointSource: Send + Sync {
     /// Current points with the disks each holds and their sizes, oldest first.
-    fn points(&self) -> Result<Vec<(String, Vec<(String, u64)>)>>;
+    fn points(&self) -> Result<Vec<PointEntry>>;
     /// Open one disk image of one point.
     fn open(&self, point: &str, disk: &str) -> Result<Arc<dyn ImageSource>>;
 }

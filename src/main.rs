@@ -14,10 +14,10 @@ fn main() {
         .format_timestamp(None)
         .init();
     if let Err(e) = vmref::commands::run(cli) {
-        if let vmref::Error::Io { source, .. } = &e {
-            if source.kind() == std::io::ErrorKind::BrokenPipe {
-                std::process::exit(0);
-            }
+        if let vmref::Error::Io { source, .. } = &e
+            && source.kind() == std::io::ErrorKind::BrokenPipe
+        {
+            std::process::exit(0);
         }
         eprintln!("vmref: {e}");
         std::process::exit(1);
