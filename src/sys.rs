@@ -17,6 +17,12 @@ pub fn flock_exclusive_nb(fd: RawFd) -> io::Result<()> {
     check(unsafe { libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) })
 }
 
+/// Release a `flock` held through `fd`.
+pub fn flock_unlock(fd: RawFd) -> io::Result<()> {
+    // SAFETY: flock takes a descriptor and flags; no memory is passed.
+    check(unsafe { libc::flock(fd, libc::LOCK_UN) })
+}
+
 /// `lseek(fd, off, SEEK_DATA/SEEK_HOLE)`; `Ok(None)` when there is no more data (ENXIO).
 pub fn seek_data_hole(fd: RawFd, off: u64, hole: bool) -> io::Result<Option<u64>> {
     let whence = if hole {

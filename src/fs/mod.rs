@@ -144,7 +144,7 @@ enum Handle {
     Dir(Arc<Vec<Entry>>),
 }
 
-type PointList = Vec<(String, Vec<(String, u64)>)>;
+use crate::image::PointList;
 
 /// The filesystem. Shared by the FUSE worker threads; every method takes `&self`.
 ///

@@ -52,6 +52,16 @@ impl StoreLock {
     }
 }
 
+impl Drop for StoreLock {
+    /// Unlock explicitly rather than by closing: a child forked by another thread (any
+    /// `Command::spawn`) holds a duplicate of the descriptor until it execs, and the lock
+    /// belongs to the shared open file, so a plain close could leave the store locked for
+    /// that moment and make the next owner fail with `Locked`.
+    fn drop(&mut self) {
+        let _ = crate::sys::flock_unlock(self.file.as_raw_fd());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

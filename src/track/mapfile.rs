@@ -30,7 +30,8 @@ pub const MINOR: u16 = 0;
 pub const PAGE: usize = 4096;
 const MAX_REASON: usize = 256;
 
-/// Set while a process has the disk open for tracked writes.
+/// Set once a process that opened the disk for tracked writes has changed its tracking state,
+/// cleared by its clean close. Informational: recovery relies on the log, not on this flag.
 pub const FLAG_OPEN: u32 = 1;
 
 /// What identifies the image file and its last tracked state: a change found at open that

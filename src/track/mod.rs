@@ -42,6 +42,9 @@ pub struct Tracker {
     log: DirtyLog,
     /// Regions marked in the log since the last flush.
     marked: Vec<u64>,
+    /// The header as last made durable: a flush with no marks and no header change writes
+    /// nothing, so a command that fails or only reads leaves the store's bytes as they were.
+    committed: MapHeader,
     report: OpenReport,
 }
 
@@ -78,6 +81,7 @@ impl Tracker {
         Ok(Tracker {
             name: name.to_string(),
             map: SeqMap::new(header.nblocks),
+            committed: header.clone(),
             header,
             file,
             log,
@@ -164,11 +168,12 @@ impl Tracker {
             loaded.map.stamp_region(r, cur);
         }
         report.recovered_regions = marked.len() as u64;
-        let mut header = loaded.header;
+        let mut header = loaded.header.clone();
         header.current_seq = cur;
         let mut t = Tracker {
             name: name.to_string(),
             map: loaded.map,
+            committed: loaded.header,
             header,
             file: loaded.file,
             log,
@@ -187,7 +192,10 @@ impl Tracker {
         cur: u32,
         reason: String,
     ) -> Result<Tracker> {
-        ::log::warn!("disk {name}: tracking restarts: {reason}");
+        // Info, not a warning: the loss is reported where it matters (changes since an older
+        // point fail naming the reason, status shows it), and a failing command must print
+        // exactly one line on stderr.
+        ::log::info!("disk {name}: change tracking restarts: {reason}");
         let mut header = fresh_header(store.block_size(), id, cur, &reason);
         header.flags = FLAG_OPEN;
         Self::create_files(
@@ -256,11 +264,15 @@ impl Tracker {
     /// Make the stamps durable and clear the log. The caller must have quiesced writers and
     /// synced the image, and passes the image's identity after that sync.
     pub fn flush(&mut self, id: Identity) -> Result<()> {
+        self.header.identity = id;
+        if self.marked.is_empty() && same_state(&self.header, &self.committed) {
+            return Ok(());
+        }
         self.marked.sort_unstable();
         self.marked.dedup();
         self.file.write_regions(&self.map, &self.marked)?;
-        self.header.identity = id;
         self.file.commit_header(&self.header)?;
+        self.committed = self.header.clone();
         self.log.clear()?;
         self.marked.clear();
         Ok(())
@@ -300,6 +312,17 @@ impl Tracker {
         }
         Ok(self.map.changed_since(since))
     }
+}
+
+/// Whether two headers describe the same durable state. The generation is the file's own
+/// bookkeeping, and `FLAG_OPEN` alone is not worth a write: it goes out with the next real one.
+fn same_state(a: &MapHeader, b: &MapHeader) -> bool {
+    let strip = |h: &MapHeader| MapHeader {
+        generation: 0,
+        flags: h.flags & !FLAG_OPEN,
+        ..h.clone()
+    };
+    strip(a) == strip(b)
 }
 
 /// Identity of an image path as tracking records it.

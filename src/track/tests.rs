@@ -256,3 +256,37 @@ fn power_loss_never_misses_an_acknowledged_write() {
         }
     }
 }
+
+#[test]
+fn open_and_close_without_writes_change_no_byte() {
+    let f = fx(8 << 20);
+    let id = identity_of(&f.img).unwrap();
+    let mut t = Tracker::create(&f.store, "d", id, 1).unwrap();
+    t.before_write(65536, 10).unwrap();
+    let r1 = t.advance(id).unwrap();
+    t.close(id).unwrap();
+    drop(t);
+    let files = |s: &Store| {
+        (
+            fs::read(s.map_path("d")).unwrap(),
+            fs::read(s.log_path("d")).unwrap(),
+        )
+    };
+    let before = files(&f.store);
+    let mut t = Tracker::open(&f.store, "d", id, r1 + 1).unwrap();
+    t.flush(id).unwrap();
+    t.close(id).unwrap();
+    drop(t);
+    assert!(
+        files(&f.store) == before,
+        "a no-op open and close rewrote tracking state"
+    );
+    // A real change is still written.
+    let mut t = Tracker::open(&f.store, "d", id, r1 + 1).unwrap();
+    t.before_write(0, 1).unwrap();
+    t.close(id).unwrap();
+    drop(t);
+    assert!(files(&f.store).0 != before.0);
+    let t = Tracker::open(&f.store, "d", id, r1 + 1).unwrap();
+    assert_eq!(runs(&t, r1), vec![(0, 1)]);
+}
