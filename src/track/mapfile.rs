@@ -322,10 +322,10 @@ impl MapFile {
                 if c == zc && page.iter().all(|&x| x == 0) {
                     continue;
                 }
-                let stamps: Box<[u32]> = (0..REGION_BLOCKS as usize)
+                let stamps: Vec<u32> = (0..REGION_BLOCKS as usize)
                     .map(|k| le_u32(page, k * 4))
                     .collect();
-                map.set_region(region, stamps);
+                map.set_region(region, &stamps);
             }
             r += n;
         }
@@ -343,7 +343,7 @@ impl MapFile {
         let poff = self.pages_offset();
         let mut table_pages = Vec::new();
         for &r in regions {
-            let bytes = page_bytes(map.region_page(r));
+            let bytes = page_bytes(map.region_page(r).as_deref());
             self.file.write_at(&bytes, poff + r * PAGE as u64)?;
             self.crcs[r as usize] = crc(&bytes);
             table_pages.push(r * 4 / PAGE as u64);
