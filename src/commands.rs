@@ -346,17 +346,27 @@ fn run_to(cli: Cli, out: &mut impl Write) -> Result<()> {
                 format!("points:     {} ({} restorable)", v["refs"], v["restorable"]),
             )?;
             for d in v["disks"].as_array().into_iter().flatten() {
-                emit(
-                    out,
-                    format!(
-                        "disk {}: {} bytes, {}, seq {}, tracking {}",
-                        d["name"].as_str().unwrap_or("?"),
-                        d["size"],
-                        d["image"].as_str().unwrap_or("?"),
-                        d["current_seq"],
-                        d["tracking"].as_str().unwrap_or("?")
-                    ),
-                )?;
+                let name = d["name"].as_str().unwrap_or("?");
+                let image = d["image"].as_str().unwrap_or("?");
+                let tracking = d["tracking"].as_str().unwrap_or("?");
+                if d["size"].is_null() {
+                    emit(out, format!("disk {name}: {image}, {tracking}"))?;
+                    continue;
+                }
+                let mut line = format!(
+                    "disk {name}: {} bytes, {image}, seq {}, tracking {tracking}",
+                    d["size"], d["current_seq"]
+                );
+                if let Some(why) = d["restart_reason"]
+                    .as_str()
+                    .filter(|w| !w.is_empty() && !tracking.starts_with("restarted"))
+                {
+                    line += &format!(
+                        " (changes before seq {} are unknown: {why})",
+                        d["tracked_since_seq"]
+                    );
+                }
+                emit(out, line)?;
             }
             Ok(())
         }

@@ -109,7 +109,7 @@ pub fn execute_with(engine: &Engine, req: &Request, progress: &dyn Progress) -> 
 fn status(engine: &Engine) -> Result<Value> {
     let store = engine.store();
     let refs = store.refs()?;
-    let disks: Vec<Value> = engine
+    let mut disks: Vec<Value> = engine
         .disks()
         .iter()
         .map(|d| {
@@ -129,10 +129,21 @@ fn status(engine: &Engine) -> Result<Value> {
                     ),
                     None => "ok".to_string(),
                 },
+                // Persistent, unlike `tracking`: why changes before `tracked_since_seq` are
+                // unknown (empty when tracking never restarted).
+                "restart_reason": t.lost_reason(),
                 "tracker_memory_bytes": t.map().memory_bytes(),
             })
         })
         .collect();
+    for (name, why) in engine.unavailable() {
+        let image = store.read_disk(&name).map(|r| r.image).ok();
+        disks.push(json!({
+            "name": name,
+            "image": image,
+            "tracking": format!("unavailable: {why}"),
+        }));
+    }
     Ok(json!({
         "store": store.root(),
         "store_id": store.meta().id,

@@ -26,6 +26,10 @@ pub struct Engine {
     store: Store,
     _lock: StoreLock,
     disks: RwLock<BTreeMap<String, Arc<LiveDisk>>>,
+    /// Registered disks whose image cannot be opened, with why. They block what must cover
+    /// every disk (points, backups, a changes query over all disks) but not `disk remove`, so
+    /// an admin can always get out of the state.
+    unavailable: RwLock<BTreeMap<String, String>>,
     /// Serialises operations that change the catalog (points, disks, backups, prunes).
     ops: Mutex<()>,
     closed: Mutex<bool>,
@@ -62,8 +66,8 @@ impl Engine {
     /// Take the store lock and open every disk, recovering tracking state as needed.
     ///
     /// # Errors
-    /// `Locked` when another process owns the store; I/O errors; `BadImage` for a
-    /// registered image that is gone.
+    /// `Locked` when another process owns the store; I/O errors. A registered image that is
+    /// gone or unusable does not fail the open: that disk is unavailable (see `disk`).
     pub fn open(store: Store) -> Result<Engine> {
         let lock = StoreLock::try_acquire(store.root())?;
         store.sweep();
@@ -72,15 +76,25 @@ impl Engine {
         crate::backup::manage::recover(&store)?;
         let refs = store.refs()?;
         let mut disks = BTreeMap::new();
+        let mut unavailable = BTreeMap::new();
         for rec in store.disks()? {
-            let disk = Self::open_disk(&store, &rec, seq_floor(&refs, &rec.name))?;
-            disks.insert(rec.name.clone(), Arc::new(disk));
+            match Self::open_disk(&store, &rec, seq_floor(&refs, &rec.name)) {
+                Ok(disk) => {
+                    disks.insert(rec.name.clone(), Arc::new(disk));
+                }
+                Err(e @ Error::BadImage { .. }) => {
+                    log::info!("disk {}: {e}", rec.name);
+                    unavailable.insert(rec.name.clone(), e.to_string());
+                }
+                Err(e) => return Err(e),
+            }
         }
         Ok(Engine {
             backup: crate::backup::EngineState::new(&store),
             store,
             _lock: lock,
             disks: RwLock::new(disks),
+            unavailable: RwLock::new(unavailable),
             ops: Mutex::new(()),
             closed: Mutex::new(false),
         })
@@ -97,12 +111,36 @@ impl Engine {
         &self.store
     }
 
+    /// # Errors
+    /// `NoSuchDisk`, or `DiskUnavailable` for a registered disk whose image cannot be opened.
     pub fn disk(&self, name: &str) -> Result<Arc<LiveDisk>> {
-        self.disks
-            .read()
-            .get(name)
-            .cloned()
-            .ok_or_else(|| Error::NoSuchDisk(name.to_string()))
+        if let Some(d) = self.disks.read().get(name) {
+            return Ok(d.clone());
+        }
+        Err(self.unavailable_error(name))
+    }
+
+    fn unavailable_error(&self, name: &str) -> Error {
+        match self.unavailable.read().get(name) {
+            Some(why) => Error::DiskUnavailable {
+                disk: name.to_string(),
+                why: why.clone(),
+            },
+            None => Error::NoSuchDisk(name.to_string()),
+        }
+    }
+
+    /// Registered disks whose image cannot be opened, with why.
+    pub fn unavailable(&self) -> BTreeMap<String, String> {
+        self.unavailable.read().clone()
+    }
+
+    /// Fail when some disk is unavailable: a point or query over every disk would be partial.
+    fn require_all_disks(&self) -> Result<()> {
+        match self.unavailable.read().keys().next() {
+            Some(name) => Err(self.unavailable_error(name)),
+            None => Ok(()),
+        }
     }
 
     pub fn disks(&self) -> Vec<Arc<LiveDisk>> {
@@ -116,7 +154,7 @@ impl Engine {
     pub fn disk_add(&self, name: &str, image: &Path) -> Result<DiskRecord> {
         names::validate(name)?;
         let _op = self.ops.lock();
-        if self.disks.read().contains_key(name) {
+        if self.disks.read().contains_key(name) || self.unavailable.read().contains_key(name) {
             return Err(Error::DiskExists(name.to_string()));
         }
         let file = open_image(image)?;
@@ -146,10 +184,15 @@ impl Engine {
     /// Stop tracking a disk. Its image is left alone; points keep its old numbers.
     pub fn disk_remove(&self, name: &str) -> Result<()> {
         let _op = self.ops.lock();
-        let disk = self.disk(name)?;
-        disk.close()?;
-        self.store.remove_disk_record(name)?;
-        self.disks.write().remove(name);
+        if self.unavailable.read().contains_key(name) {
+            self.store.remove_disk_record(name)?;
+            self.unavailable.write().remove(name);
+        } else {
+            let disk = self.disk(name)?;
+            disk.close()?;
+            self.store.remove_disk_record(name)?;
+            self.disks.write().remove(name);
+        }
         let _ = std::fs::remove_file(self.store.map_path(name));
         let _ = std::fs::remove_file(self.store.log_path(name));
         Ok(())
@@ -189,6 +232,7 @@ impl Engine {
         if let Some(o) = owner {
             validate_owner(o)?;
         }
+        self.require_all_disks()?;
         if self.store.ref_exists(name) || self.backup.checkpoint(name).is_some() {
             return Err(Error::RefExists(name.to_string()));
         }
@@ -252,7 +296,10 @@ impl Engine {
         let point = self.store.read_ref(since)?;
         let disks = match disk {
             Some(n) => vec![self.disk(n)?],
-            None => self.disks(),
+            None => {
+                self.require_all_disks()?;
+                self.disks()
+            }
         };
         let mut out = Vec::new();
         for d in disks {

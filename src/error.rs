@@ -43,6 +43,8 @@ pub enum Error {
     DiskExists(String),
     #[error("no disk named {0:?}")]
     NoSuchDisk(String),
+    #[error("disk {disk} is unavailable ({why}); put the image back or `vmref disk remove {disk}`")]
+    DiskUnavailable { disk: String, why: String },
     #[error("image {path} cannot be used: {why}")]
     BadImage { path: PathBuf, why: String },
     #[error(

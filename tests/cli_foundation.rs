@@ -624,19 +624,24 @@ fn missing_image_file_is_refused() {
     let line = e.refused(&["disk", "add", "disk1", missing.to_str().unwrap()]);
     assert!(line.contains("missing.img"), "{line}");
 
-    // A registered image that disappeared: commands that need it say which, and change nothing.
+    // A registered image that disappeared: commands that need every disk say which, and
+    // change nothing; status shows it; the admin can still remove the disk and go on.
     fs::remove_file(&img).unwrap();
-    for args in [
-        &["changes", "--since", "r1"][..],
-        &["ref", "create", "r2"],
-        &["status"],
-    ] {
+    for args in [&["changes", "--since", "r1"][..], &["ref", "create", "r2"]] {
         let line = e.refused(args);
-        assert!(line.contains("disk0.img"), "{line}");
+        assert!(
+            line.contains("disk0.img") && line.contains("disk remove disk0"),
+            "{line}"
+        );
     }
+    let status = e.ok(&["status"]);
+    assert!(status.contains("unavailable"), "{status}");
     // Read-only listings still work.
     e.ok(&["ref", "list"]);
     e.ok(&["disk", "list"]);
+    e.ok(&["disk", "remove", "disk0"]);
+    assert!(!e.ok(&["disk", "list"]).contains("disk0"));
+    e.ok(&["ref", "create", "r2"]);
 }
 
 #[test]
