@@ -64,6 +64,9 @@ pub enum Error {
     },
     #[error("{0}")]
     Refused(String),
+    /// A checkpoint's image read after the checkpoint was demoted or its backup committed.
+    #[error("checkpoint {0:?} is closed: its copy-on-write data is gone")]
+    CheckpointClosed(String),
     #[error("{0} exists; pass --force to overwrite it")]
     Exists(PathBuf),
     #[error("reference point {0:?} has no backup data (it is not restorable)")]
@@ -99,6 +102,8 @@ pub enum FsKind {
     NoAttr,
     /// An operation the mount does not offer (fallocate, copy_file_range): callers fall back.
     Unsupported,
+    /// An open point image whose point is gone (a demoted checkpoint, a deleted point).
+    Stale,
 }
 
 impl std::fmt::Display for FsKind {
@@ -115,6 +120,7 @@ impl std::fmt::Display for FsKind {
             FsKind::BadWhence => "only SEEK_DATA and SEEK_HOLE reach the filesystem",
             FsKind::NoAttr => "no such attribute",
             FsKind::Unsupported => "not supported by the mount",
+            FsKind::Stale => "the point this file was opened on is gone",
         })
     }
 }
@@ -138,6 +144,7 @@ impl Error {
             Error::OutOfRange { .. } => libc::EINVAL,
             Error::Locked(_) => libc::EBUSY,
             Error::Refused(_) => libc::EROFS,
+            Error::CheckpointClosed(_) => libc::ESTALE,
             Error::Fs { kind, .. } => match kind {
                 FsKind::NotFound => libc::ENOENT,
                 FsKind::ReadOnly => libc::EROFS,
@@ -149,6 +156,7 @@ impl Error {
                 FsKind::BadWhence => libc::EINVAL,
                 FsKind::NoAttr => libc::ENODATA,
                 FsKind::Unsupported => libc::EOPNOTSUPP,
+                FsKind::Stale => libc::ESTALE,
             },
             _ => libc::EIO,
         }

@@ -20,18 +20,38 @@ pub trait ImageSource: Send + Sync {
     fn next_hole(&self, off: u64) -> Result<u64>;
     /// Bytes of data actually present (for st_blocks).
     fn allocated_bytes(&self) -> u64;
+    /// False once this image can no longer show its point's bytes (a checkpoint that was
+    /// demoted, or whose backup committed and now lives in the store): open the point again.
+    fn is_current(&self) -> bool {
+        true
+    }
 }
 
-/// Point directories: each point's name with its disks and their sizes.
-pub type PointList = Vec<(String, Vec<(String, u64)>)>;
+/// One point directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PointEntry {
+    pub name: String,
+    /// Changes whenever the name is given to another point (the point's unique id), so the
+    /// mount never serves a deleted point's bytes, or cached pages, under a reused name. A
+    /// checkpoint keeps its id when its backup commits: the bytes are the same.
+    pub id: String,
+    /// Its disks and their sizes.
+    pub disks: Vec<(String, u64)>,
+}
+
+/// The point directories, oldest first.
+pub type PointList = Vec<PointEntry>;
 
 /// The read-only directories the mount shows besides `live/`: restorable points and open
 /// checkpoints, each with its disks.
 pub trait PointSource: Send + Sync {
     /// Current points with the disks each holds and their sizes, oldest first.
     fn points(&self) -> Result<PointList>;
-    /// Open one disk image of one point.
-    fn open(&self, point: &str, disk: &str) -> Result<Arc<dyn ImageSource>>;
+    /// Open one disk image of the point named `point` whose id is `id`.
+    ///
+    /// # Errors
+    /// `NoSuchRef` when no point of that name has that id any more.
+    fn open(&self, point: &str, id: &str, disk: &str) -> Result<Arc<dyn ImageSource>>;
 }
 
 /// An image held in memory, `block`-granular for holes (a zero block is a hole).

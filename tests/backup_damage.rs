@@ -71,7 +71,8 @@ fn a_damaged_pack_block_is_named_and_never_read_as_data() {
 
     // Through the mount's interface: EIO for the damaged block, exact bytes elsewhere.
     let engine = vmref::engine::Engine::open(vmref::store::Store::open(&e.store).unwrap()).unwrap();
-    let img = engine.open("a", "disk0").unwrap();
+    let id = engine.store().read_ref("a").unwrap().id;
+    let img = engine.open("a", &id, "disk0").unwrap();
     let mut buf = vec![0u8; BS];
     let err = img.read_at(&mut buf, 5 * BS as u64).unwrap_err();
     assert_eq!(err.errno(), libc::EIO);

@@ -94,7 +94,7 @@ fn backup_during_writes_is_exact_at_the_checkpoint() {
     let total = w.join().unwrap();
 
     let read = |p: &str| {
-        let img = engine.open(p, "disk0").unwrap();
+        let img = engine.open(p, &point_id(&engine, p), "disk0").unwrap();
         let mut b = vec![0u8; img.size() as usize];
         assert_eq!(img.read_at(&mut b, 0).unwrap(), b.len());
         b
@@ -114,6 +114,12 @@ fn backup_during_writes_is_exact_at_the_checkpoint() {
     assert!(e.ok(&["verify"]).contains("all good"));
 }
 
+/// The id of the point `name` the mount would show.
+fn point_id(engine: &Engine, name: &str) -> String {
+    let points = engine.points().unwrap();
+    points.into_iter().find(|p| p.name == name).unwrap().id
+}
+
 #[test]
 fn checkpoint_image_stays_exact_under_writes_and_readers() {
     let mut rng = Rng(77);
@@ -125,15 +131,17 @@ fn checkpoint_image_stays_exact_under_writes_and_readers() {
     // Nothing writes now: the checkpoint holds the initial bytes.
     engine.ref_create("cp", None, RefState::Checkpoint).unwrap();
     let points = engine.points().unwrap();
-    assert_eq!(points[0].0, "cp");
+    assert_eq!(points[0].name, "cp");
+    let id = points[0].id.clone();
     let stop = Arc::new(AtomicBool::new(false));
     let w = writer(disk.clone(), stop.clone(), u64::MAX);
     let readers: Vec<_> = (0..2)
         .map(|t| {
             let engine = engine.clone();
             let want = e.model.clone();
+            let id = id.clone();
             std::thread::spawn(move || {
-                let img = engine.open("cp", "disk0").unwrap();
+                let img = engine.open("cp", &id, "disk0").unwrap();
                 let mut rng = Rng(5 + t);
                 for _ in 0..300 {
                     let len = 1 + rng.below(5 * BS as u64) as usize;
@@ -157,14 +165,20 @@ fn checkpoint_image_stays_exact_under_writes_and_readers() {
     let n = w.join().unwrap();
     assert!(n > 0);
     // Whole image still exact after the writes.
-    let img = engine.open("cp", "disk0").unwrap();
+    let img = engine.open("cp", &id, "disk0").unwrap();
     let mut all = vec![0u8; img.size() as usize];
     img.read_at(&mut all, 0).unwrap();
     assert_same("checkpoint", &all, &e.model);
-    // Demote: the saved data goes, a plain point stays.
+    assert!(img.is_current());
+    // Demote: the saved data goes, a plain point stays, and an image still open refuses to
+    // read (the live disk's bytes are not the checkpoint's any more).
     let rec = vmref::backup::manage::demote(&engine, "cp").unwrap();
     assert_eq!(rec.state, RefState::Plain);
-    assert!(engine.open("cp", "disk0").is_err());
+    assert!(!img.is_current());
+    let err = img.read_at(&mut all[..10], 0).unwrap_err();
+    assert_eq!(err.errno(), libc::ESTALE, "{err}");
+    assert!(img.next_data(0).is_err());
+    assert!(engine.open("cp", &id, "disk0").is_err());
     assert!(engine.points().unwrap().is_empty());
 }
 

@@ -1,7 +1,8 @@
-//! Point directories over a real mount, served in-process from an in-memory `PointSource`
-//! (the daemon's own source lists none until the backup engine lands): read-only in every
-//! way, sparse-aware copies skip holes, st_blocks tells the data present, and points appear
-//! and vanish while mounted.
+//! Point directories over a real mount served in-process: from an in-memory `PointSource`
+//! (exact st_blocks, SEEK_DATA/SEEK_HOLE positions, every read-only refusal, names that come
+//! and go), and from the engine itself while a backup runs, so that a reader can be placed
+//! deterministically inside the backup's copy (the daemon-served tests are in
+//! `mount_backup.rs`).
 
 mod common;
 
@@ -14,6 +15,7 @@ use common::*;
 use vmref::engine::Engine;
 use vmref::fs::Fs;
 use vmref::fs::fuse::FuseFs;
+use vmref::image::PointSource;
 use vmref::store::Store;
 
 const MIB: usize = 1 << 20;
@@ -25,11 +27,24 @@ struct InProcess {
 }
 
 fn mount_in_process(dir: &Path, points: Arc<MemPoints>) -> (InProcess, std::path::PathBuf) {
+    let engine = engine_with_disk(dir, &pattern(2 * MIB, 3));
+    mount_engine(dir, engine, points)
+}
+
+fn engine_with_disk(dir: &Path, bytes: &[u8]) -> Arc<Engine> {
     let store = Store::init(&dir.join("store"), BLOCK as u32).unwrap();
     let image = dir.join("disk0.raw");
-    std::fs::write(&image, pattern(2 * MIB, 3)).unwrap();
+    std::fs::write(&image, bytes).unwrap();
     let engine = Arc::new(Engine::open(store).unwrap());
     engine.disk_add("disk0", &image).unwrap();
+    engine
+}
+
+fn mount_engine(
+    dir: &Path,
+    engine: Arc<Engine>,
+    points: Arc<dyn PointSource>,
+) -> (InProcess, std::path::PathBuf) {
     let (uid, gid) = vmref::sys::uid_gid();
     let fs = Arc::new(Fs::new(engine, points, uid, gid));
     let mnt = dir.join("mnt");
@@ -182,4 +197,83 @@ fn point_images_are_read_only_sparse_and_live_listed() {
     let p1b = sparse_image(300);
     points.insert("p1", "disk0", p1b.clone(), BLOCK);
     assert_eq!(std::fs::read(&img).unwrap(), p1b);
+    // And when nothing listed or looked the name up between the delete and the new point.
+    let held = std::fs::File::open(&img).unwrap();
+    let p1c = sparse_image(400);
+    points.remove("p1");
+    points.insert("p1", "disk0", p1c.clone(), BLOCK);
+    assert_eq!(std::fs::read(&img).unwrap(), p1c);
+    // The file opened on the old point never shows the new one's bytes.
+    use std::os::unix::fs::FileExt;
+    let mut b = vec![0u8; BLOCK];
+    if held.read_exact_at(&mut b, 0).is_ok() {
+        assert_eq!(b, p1b[..BLOCK]);
+    }
+}
+
+/// Reads of a backup's point through the mount, from inside the backup's copy: the progress
+/// callback runs while the checkpoint is open and the copy has not committed.
+struct ReadDuring<F: Fn() + Sync>(F, std::sync::atomic::AtomicBool);
+impl<F: Fn() + Sync> vmref::backup::Progress for ReadDuring<F> {
+    fn inc(&self, _n: u64) {
+        if !self.1.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            (self.0)();
+        }
+    }
+}
+
+fn drop_cache(f: &std::fs::File) {
+    // SAFETY: a valid open fd; fadvise only drops clean cached pages.
+    let r = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    assert_eq!(r, 0);
+}
+
+/// A point read (and held open) while its backup runs is the checkpoint's image; once the
+/// backup commits, the same name and the same open file must go on reading the point's
+/// bytes, not the live disk's, however the VM writes on.
+#[test]
+fn a_point_read_during_its_backup_stays_exact_after_it() {
+    if !fuse_ok("a_point_read_during_its_backup_stays_exact_after_it") {
+        return;
+    }
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let at_a = pattern(2 * MIB, 11);
+    let engine = engine_with_disk(dir.path(), &at_a);
+    let (_m, mnt) = mount_engine(dir.path(), engine.clone(), engine.clone());
+    let img = mnt.join("a/disk0.img");
+    let held: parking_lot::Mutex<Option<std::fs::File>> = Default::default();
+    let progress = ReadDuring(
+        || {
+            assert_eq!(names(&mnt), ["a", "live"], "the checkpoint is listed");
+            assert_eq!(std::fs::read(&img).unwrap(), at_a, "the checkpoint's bytes");
+            *held.lock() = Some(std::fs::File::open(&img).unwrap());
+        },
+        Default::default(),
+    );
+    vmref::backup::run::backup(&engine, "a", false, None, &progress).unwrap();
+    let held = held.lock().take().expect("read during the backup");
+
+    // The VM writes every block after the commit.
+    let live = std::fs::OpenOptions::new()
+        .write(true)
+        .open(mnt.join("live/disk0.img"))
+        .unwrap();
+    live.write_all_at(&pattern(2 * MIB, 12), 0).unwrap();
+
+    let f = std::fs::File::open(&img).unwrap();
+    drop_cache(&f);
+    let mut got = vec![0u8; 2 * MIB];
+    f.read_exact_at(&mut got, 0).unwrap();
+    assert!(got == at_a, "the point reads the live disk's bytes");
+    drop_cache(&held);
+    held.read_exact_at(&mut got, 0).unwrap();
+    assert!(
+        got == at_a,
+        "the fd opened during the backup reads other bytes"
+    );
+    assert_eq!(
+        std::fs::metadata(&img).unwrap().blocks(),
+        (2 * MIB / 512) as u64
+    );
 }

@@ -48,6 +48,9 @@ struct SaverState {
     slots: BTreeMap<u64, u64>,
     next: u64,
     failed: Option<String>,
+    /// Set, under the disk's savers lock, when the checkpoint stops copy-on-write: from then
+    /// on a write may change a block that was never saved, so the image is gone.
+    closed: bool,
 }
 
 impl CowSaver {
@@ -90,8 +93,13 @@ impl CowSaver {
         self.state.lock().slots.len() as u64
     }
 
-    fn failed(&self) -> Result<()> {
-        match &self.state.lock().failed {
+    /// Whether the saved blocks plus the live bytes still make the checkpoint's image.
+    fn usable(&self) -> Result<()> {
+        let st = self.state.lock();
+        if st.closed {
+            return Err(Error::CheckpointClosed(self.point.clone()));
+        }
+        match &st.failed {
             Some(why) => Err(Error::Refused(format!(
                 "checkpoint {} of disk {} is broken: {why}",
                 self.point, self.disk
@@ -144,8 +152,12 @@ impl DiskCow {
         self.savers.lock().push(s);
     }
 
+    /// Stop saving for `s`. Its images report `CheckpointClosed` from now on: a reader that
+    /// checks under this lock after reading live bytes knows no unsaved block changed before.
     pub fn remove(&self, s: &Arc<CowSaver>) {
-        self.savers.lock().retain(|x| !Arc::ptr_eq(x, s));
+        let mut savers = self.savers.lock();
+        savers.retain(|x| !Arc::ptr_eq(x, s));
+        s.state.lock().closed = true;
     }
 
     fn lock(&self) -> MutexGuard<'_, Vec<Arc<CowSaver>>> {
@@ -236,7 +248,7 @@ impl ImageSource for CheckpointImage {
             .map_err(Error::io("read", self.disk.image()))?;
         let saved: Vec<(u64, u64)> = {
             let _g = self.disk.cow().lock();
-            self.saver.failed()?;
+            self.saver.usable()?;
             let st = self.saver.state.lock();
             st.slots
                 .range(off / bs..=(off + n as u64 - 1) / bs)
@@ -265,7 +277,7 @@ impl ImageSource for CheckpointImage {
         // Under the mutex an unsaved block equals the checkpoint's bytes, so a live hole
         // there is a hole of the checkpoint too.
         let _g = self.disk.cow().lock();
-        self.saver.failed()?;
+        self.saver.usable()?;
         let live = crate::sys::seek_data_hole(self.disk.file().as_raw_fd(), off, false)
             .map_err(Error::io("seek", self.disk.image()))?;
         let saved = self
@@ -290,7 +302,7 @@ impl ImageSource for CheckpointImage {
         }
         let bs = self.saver.block_size as u64;
         let _g = self.disk.cow().lock();
-        self.saver.failed()?;
+        self.saver.usable()?;
         let st = self.saver.state.lock();
         let mut pos = off;
         loop {
@@ -322,5 +334,9 @@ impl ImageSource for CheckpointImage {
             .map(|m| m.blocks() * 512)
             .unwrap_or(self.saver.size);
         live.min(self.saver.size)
+    }
+
+    fn is_current(&self) -> bool {
+        !self.saver.state.lock().closed
     }
 }

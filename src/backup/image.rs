@@ -8,9 +8,7 @@ use std::sync::Arc;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::format::{FormatError, crc};
-use crate::image::{ImageSource, PointList, PointSource};
-
-type DiskList = Vec<(String, u64)>;
+use crate::image::{ImageSource, PointEntry, PointList, PointSource};
 use crate::store::Store;
 use crate::store::records::{RefRecord, RefState};
 
@@ -164,27 +162,33 @@ impl ImageSource for PointImage {
 /// disks. Checkpoints opened by a backup appear while that backup runs.
 impl PointSource for Engine {
     fn points(&self) -> Result<PointList> {
-        let mut v: Vec<(u64, String, DiskList)> = Vec::new();
-        let disks = |r: &RefRecord| r.disks.iter().map(|(d, p)| (d.clone(), p.size)).collect();
+        let entry = |r: &RefRecord| PointEntry {
+            name: r.name.clone(),
+            id: r.id.clone(),
+            disks: r.disks.iter().map(|(d, p)| (d.clone(), p.size)).collect(),
+        };
+        let mut v: Vec<(u64, PointEntry)> = Vec::new();
         let cps = self.backup.checkpoints();
         for r in self.store().refs()? {
             if r.state == RefState::Restorable && !cps.iter().any(|c| c.rec.name == r.name) {
-                v.push((r.serial, r.name.clone(), disks(&r)));
+                v.push((r.serial, entry(&r)));
             }
         }
         for c in cps {
-            v.push((c.rec.serial, c.rec.name.clone(), disks(&c.rec)));
+            v.push((c.rec.serial, entry(&c.rec)));
         }
         v.sort_by_key(|p| p.0);
-        Ok(v.into_iter().map(|(_, n, d)| (n, d)).collect())
+        Ok(v.into_iter().map(|(_, e)| e).collect())
     }
 
-    fn open(&self, point: &str, disk: &str) -> Result<Arc<dyn ImageSource>> {
-        if let Some(cp) = self.backup.checkpoint(point) {
+    fn open(&self, point: &str, id: &str, disk: &str) -> Result<Arc<dyn ImageSource>> {
+        // A backup commits its point before it closes its checkpoint: while both exist, the
+        // checkpoint's image is served, and it reports itself stale once closed.
+        if let Some(cp) = self.backup.checkpoint(point).filter(|c| c.rec.id == id) {
             return Ok(Arc::new(cp.image(disk)?));
         }
         let rec = self.store().read_ref(point)?;
-        if rec.state != RefState::Restorable {
+        if rec.state != RefState::Restorable || rec.id != id {
             return Err(Error::NoSuchRef(point.to_string()));
         }
         Ok(Arc::new(PointImage::open(

@@ -4,9 +4,13 @@
 //! Layout: `/live/<disk>.img` is the tracked live disk (every write goes through
 //! `LiveDisk::write_at`, which stamps the tracker before the data lands), and
 //! `/<point>/<disk>.img` is a read-only image from a `PointSource`. The root is re-listed from
-//! the `PointSource` on every lookup and readdir, so points come and go without a remount; a
-//! point that vanished loses its inodes, so a later point of the same name gets fresh ones
-//! (and a fresh page cache, which matters because point images are cached across opens).
+//! the `PointSource` on every lookup and readdir, so points come and go without a remount.
+//! Point inodes are keyed by the point's name *and id*: a point that vanished loses its
+//! inodes, and a later point of the same name gets fresh ones (and a fresh page cache, which
+//! matters because point images are cached across opens) even when nothing listed the root in
+//! between. An image that stops being current (a checkpoint whose backup committed) is opened
+//! again from the same point, for the node and for open handles alike; if the point is gone,
+//! reads fail with ESTALE, never with another point's or the live disk's bytes.
 //!
 //! Invariants kept here: nothing in the mount changes a point or the layout (EROFS), a live
 //! disk never changes size (EPERM), and no write reaches a live image without the tracker.
@@ -17,15 +21,15 @@ use std::collections::HashMap;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use parking_lot::RwLock;
 
 use crate::engine::Engine;
 use crate::error::{Error, FsKind, Result};
-use crate::image::{ImageSource, PointSource};
+use crate::image::{ImageSource, PointList, PointSource};
 use crate::live::LiveDisk;
 
 pub const ROOT_INO: u64 = 1;
@@ -109,13 +113,15 @@ enum Node {
     },
     PointDir {
         point: String,
+        id: String,
     },
     PointFile {
         point: String,
+        id: String,
         disk: String,
         size: u64,
-        /// Opened on first use and kept: a point image never changes.
-        image: OnceLock<Arc<dyn ImageSource>>,
+        /// Opened on first use and kept while current: a point's bytes never change.
+        image: RwLock<Option<Arc<dyn ImageSource>>>,
     },
 }
 
@@ -125,8 +131,28 @@ impl Node {
             Node::Root => "/".into(),
             Node::LiveDir => format!("/{LIVE_DIR}"),
             Node::Live { disk } => format!("/{LIVE_DIR}/{disk}{IMG}"),
-            Node::PointDir { point } => format!("/{point}"),
+            Node::PointDir { point, .. } => format!("/{point}"),
             Node::PointFile { point, disk, .. } => format!("/{point}/{disk}{IMG}"),
+        }
+    }
+
+    /// The inode table's key: the path, and for points the point's id too.
+    fn key(&self) -> String {
+        match self {
+            Node::PointDir { id, .. } | Node::PointFile { id, .. } => {
+                format!("{}\0{id}", self.path())
+            }
+            _ => self.path(),
+        }
+    }
+
+    fn point_file(point: &str, id: &str, disk: &str, size: u64) -> Node {
+        Node::PointFile {
+            point: point.to_string(),
+            id: id.to_string(),
+            disk: disk.to_string(),
+            size,
+            image: RwLock::new(None),
         }
     }
 }
@@ -140,11 +166,14 @@ struct Inodes {
 
 enum Handle {
     Live(Arc<LiveDisk>),
-    Point(Arc<dyn ImageSource>),
+    /// The point file's inode, and its image as opened (replaced if it stops being current).
+    Point(u64, Arc<dyn ImageSource>),
     Dir(Arc<Vec<Entry>>),
 }
 
-use crate::image::PointList;
+/// How often an image that stopped being current is opened again before giving up (each
+/// reopen finds the point's newer home, so more than one is a race with a closing checkpoint).
+const REOPEN_TRIES: usize = 3;
 
 /// The filesystem. Shared by the FUSE worker threads; every method takes `&self`.
 ///
@@ -216,7 +245,7 @@ impl Fs {
     }
 
     fn intern(&self, node: Node) -> u64 {
-        let path = node.path();
+        let path = node.key();
         if let Some(&ino) = self.inodes.read().by_path.get(&path) {
             return ino;
         }
@@ -234,15 +263,17 @@ impl Fs {
     /// The current points, with the inodes of vanished ones dropped.
     fn refresh_points(&self) -> Result<PointList> {
         let mut list = self.points.points()?;
-        list.retain(|(p, _)| showable(p));
-        let present = |p: &str, d: Option<&str>| {
-            list.iter().any(|(name, disks)| {
-                name == p && d.is_none_or(|d| disks.iter().any(|(dn, _)| dn == d))
+        list.retain(|p| showable(&p.name));
+        let present = |p: &str, id: &str, d: Option<&str>| {
+            list.iter().any(|e| {
+                e.name == p && e.id == id && d.is_none_or(|d| e.disks.iter().any(|(dn, _)| dn == d))
             })
         };
         let stale = |n: &Node| match n {
-            Node::PointDir { point } => !present(point, None),
-            Node::PointFile { point, disk, .. } => !present(point, Some(disk)),
+            Node::PointDir { point, id } => !present(point, id, None),
+            Node::PointFile {
+                point, id, disk, ..
+            } => !present(point, id, Some(disk)),
             _ => false,
         };
         if self.inodes.read().nodes.values().any(|n| stale(n)) {
@@ -255,33 +286,73 @@ impl Fs {
                 .collect();
             for ino in gone {
                 if let Some(n) = t.nodes.remove(&ino) {
-                    t.by_path.remove(&n.path());
+                    t.by_path.remove(&n.key());
                 }
             }
         }
         Ok(list)
     }
 
-    fn point_disks(&self, point: &str) -> Result<Vec<(String, u64)>> {
+    /// The disks of the point `point` with id `id`; NotFound once the name means another point.
+    fn point_disks(&self, point: &str, id: &str) -> Result<Vec<(String, u64)>> {
         self.refresh_points()?
             .into_iter()
-            .find(|(p, _)| p == point)
-            .map(|(_, d)| d)
+            .find(|p| p.name == point && p.id == id)
+            .map(|p| p.disks)
             .ok_or_else(|| fs_err(FsKind::NotFound, format!("/{point}")))
     }
 
+    /// The node's image, opened again if the one kept stopped being current.
     fn image(&self, node: &Node) -> Result<Arc<dyn ImageSource>> {
         let Node::PointFile {
-            point, disk, image, ..
+            point,
+            id,
+            disk,
+            image,
+            ..
         } = node
         else {
             return Err(fs_err(FsKind::IsDir, node.path()));
         };
-        if let Some(i) = image.get() {
+        if let Some(i) = image.read().as_ref().filter(|i| i.is_current()) {
             return Ok(i.clone());
         }
-        let opened = self.points.open(point, disk)?;
-        Ok(image.get_or_init(|| opened).clone())
+        for _ in 0..REOPEN_TRIES {
+            let opened = self.points.open(point, id, disk)?;
+            if opened.is_current() {
+                *image.write() = Some(opened.clone());
+                return Ok(opened);
+            }
+        }
+        Err(fs_err(FsKind::Stale, node.path()))
+    }
+
+    /// Run `op` on the image of the point file open as `fh`. If the image stops being current
+    /// (its checkpoint closed), the same point is opened again where it lives now and the
+    /// handle keeps the new image; if the point is gone, `Fs{Stale}`.
+    fn on_point<T>(
+        &self,
+        fh: u64,
+        ino: u64,
+        mut img: Arc<dyn ImageSource>,
+        mut op: impl FnMut(&dyn ImageSource) -> Result<T>,
+    ) -> Result<T> {
+        for _ in 0..REOPEN_TRIES {
+            if img.is_current() {
+                match op(&*img) {
+                    // Closed during the op: its result may not be the point's bytes.
+                    Err(_) if !img.is_current() => {}
+                    r => return r,
+                }
+            }
+            let stale = || fs_err(FsKind::Stale, format!("handle {fh}"));
+            let node = self.node(ino).map_err(|_| stale())?;
+            img = self.image(&node).map_err(|_| stale())?;
+            if let Some(Handle::Point(_, i)) = self.handles.write().get_mut(&fh) {
+                *i = img.clone();
+            }
+        }
+        Err(fs_err(FsKind::Stale, format!("handle {fh}")))
     }
 
     fn dir_attr(&self, ino: u64, nlink: u32) -> Attr {
@@ -345,11 +416,10 @@ impl Fs {
             Node::Root if name == LIVE_DIR => LIVE_INO,
             Node::Root => {
                 let list = self.refresh_points()?;
-                if !list.iter().any(|(p, _)| p == name) {
-                    return Err(missing());
-                }
+                let p = list.iter().find(|p| p.name == name).ok_or_else(missing)?;
                 self.intern(Node::PointDir {
-                    point: name.to_string(),
+                    point: p.name.clone(),
+                    id: p.id.clone(),
                 })
             }
             Node::LiveDir => {
@@ -359,20 +429,15 @@ impl Fs {
                     disk: disk.to_string(),
                 })
             }
-            Node::PointDir { point } => {
+            Node::PointDir { point, id } => {
                 let disk = disk_of(name).ok_or_else(missing)?;
                 let size = self
-                    .point_disks(point)?
+                    .point_disks(point, id)?
                     .into_iter()
                     .find(|(d, _)| d == disk)
                     .ok_or_else(missing)?
                     .1;
-                self.intern(Node::PointFile {
-                    point: point.clone(),
-                    disk: disk.to_string(),
-                    size,
-                    image: OnceLock::new(),
-                })
+                self.intern(Node::point_file(point, id, disk, size))
             }
             _ => return Err(fs_err(FsKind::NotDir, node.path())),
         };
@@ -406,11 +471,12 @@ impl Fs {
         match &*node {
             Node::Root => {
                 out.push(dot(LIVE_DIR, LIVE_INO));
-                for (point, _) in self.refresh_points()? {
+                for p in self.refresh_points()? {
                     let ino = self.intern(Node::PointDir {
-                        point: point.clone(),
+                        point: p.name.clone(),
+                        id: p.id,
                     });
-                    out.push(dot(&point, ino));
+                    out.push(dot(&p.name, ino));
                 }
             }
             Node::LiveDir => {
@@ -420,15 +486,10 @@ impl Fs {
                     out.push(file(self.intern(Node::Live { disk }), name));
                 }
             }
-            Node::PointDir { point } => {
-                for (disk, size) in self.point_disks(point)? {
+            Node::PointDir { point, id } => {
+                for (disk, size) in self.point_disks(point, id)? {
                     let name = format!("{disk}{IMG}");
-                    let ino = self.intern(Node::PointFile {
-                        point: point.clone(),
-                        disk,
-                        size,
-                        image: OnceLock::new(),
-                    });
+                    let ino = self.intern(Node::point_file(point, id, &disk, size));
                     out.push(file(ino, name));
                 }
             }
@@ -472,7 +533,7 @@ impl Fs {
             Node::PointFile { .. } if write => Err(fs_err(FsKind::ReadOnly, node.path())),
             Node::PointFile { .. } => {
                 let img = self.image(&node)?;
-                Ok((self.add_handle(Handle::Point(img)), Opened::Point))
+                Ok((self.add_handle(Handle::Point(ino, img)), Opened::Point))
             }
             _ => Err(fs_err(FsKind::IsDir, node.path())),
         }
@@ -486,7 +547,7 @@ impl Fs {
     fn file_handle(&self, fh: u64) -> Result<Handle> {
         match self.handles.read().get(&fh) {
             Some(Handle::Live(d)) => Ok(Handle::Live(d.clone())),
-            Some(Handle::Point(i)) => Ok(Handle::Point(i.clone())),
+            Some(Handle::Point(ino, i)) => Ok(Handle::Point(*ino, i.clone())),
             _ => Err(fs_err(FsKind::BadHandle, format!("handle {fh}"))),
         }
     }
@@ -495,12 +556,12 @@ impl Fs {
     pub fn read(&self, fh: u64, off: u64, buf: &mut [u8]) -> Result<usize> {
         match self.file_handle(fh)? {
             Handle::Live(d) => d.read_at(buf, off),
-            Handle::Point(i) => {
+            Handle::Point(ino, i) => {
                 if off >= i.size() {
                     return Ok(0);
                 }
                 let n = buf.len().min((i.size() - off) as usize);
-                i.read_at(&mut buf[..n], off)
+                self.on_point(fh, ino, i, |i| i.read_at(&mut buf[..n], off))
             }
             Handle::Dir(_) => unreachable!("file_handle returns files only"),
         }
@@ -546,14 +607,14 @@ impl Fs {
                     (Whence::Hole, p) => Ok(p.unwrap_or(d.size()).min(d.size())),
                 }
             }
-            Handle::Point(i) => {
+            Handle::Point(ino, i) => {
                 if off >= i.size() {
                     return Err(past());
                 }
-                match whence {
+                self.on_point(fh, ino, i, |i| match whence {
                     Whence::Data => i.next_data(off)?.ok_or_else(past),
                     Whence::Hole => Ok(i.next_hole(off)?.min(i.size())),
-                }
+                })
             }
             Handle::Dir(_) => unreachable!("file_handle returns files only"),
         }

@@ -278,18 +278,27 @@ impl Drop for MountGuard {
     }
 }
 
+/// One point held in memory: its id (new for every point created) and its disks.
+type MemPoint = (String, BTreeMap<String, Arc<MemImage>>);
+
 /// Points held in memory, for driving the filesystem with point directories.
 #[derive(Default)]
 pub struct MemPoints {
-    pub points: RwLock<BTreeMap<String, BTreeMap<String, Arc<MemImage>>>>,
+    pub points: RwLock<BTreeMap<String, MemPoint>>,
+    next_id: std::sync::atomic::AtomicU64,
 }
 
 impl MemPoints {
+    /// Add a disk to `point`, creating the point (with a fresh id) if it does not exist.
     pub fn insert(&self, point: &str, disk: &str, bytes: Vec<u8>, block: usize) {
+        let id = self
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.points
             .write()
             .entry(point.to_string())
-            .or_default()
+            .or_insert_with(|| (format!("mem{id}"), BTreeMap::new()))
+            .1
             .insert(disk.to_string(), Arc::new(MemImage { bytes, block }));
     }
     pub fn remove(&self, point: &str) {
@@ -298,22 +307,24 @@ impl MemPoints {
 }
 
 impl PointSource for MemPoints {
-    fn points(&self) -> vmref::Result<Vec<(String, Vec<(String, u64)>)>> {
+    fn points(&self) -> vmref::Result<vmref::image::PointList> {
         Ok(self
             .points
             .read()
             .iter()
-            .map(|(p, d)| {
-                let disks = d.iter().map(|(n, i)| (n.clone(), i.size())).collect();
-                (p.clone(), disks)
+            .map(|(p, (id, d))| vmref::image::PointEntry {
+                name: p.clone(),
+                id: id.clone(),
+                disks: d.iter().map(|(n, i)| (n.clone(), i.size())).collect(),
             })
             .collect())
     }
-    fn open(&self, point: &str, disk: &str) -> vmref::Result<Arc<dyn ImageSource>> {
+    fn open(&self, point: &str, id: &str, disk: &str) -> vmref::Result<Arc<dyn ImageSource>> {
         self.points
             .read()
             .get(point)
-            .and_then(|d| d.get(disk))
+            .filter(|(i, _)| i == id)
+            .and_then(|(_, d)| d.get(disk))
             .map(|i| i.clone() as Arc<dyn ImageSource>)
             .ok_or_else(|| vmref::Error::NoSuchRef(point.to_string()))
     }
