@@ -9,6 +9,7 @@ use crate::backup::{self, manage::PruneReport, progress::Bar, run::BackupReport}
 use crate::cli::{Cli, Command, DiskCmd, RefCmd};
 use crate::config::Config;
 use crate::control::{self, Request};
+use crate::engine::DiskChanges;
 use crate::error::{Error, Result};
 use crate::store::records::RefRecord;
 use crate::store::{self, DEFAULT_BLOCK_SIZE, Store};
@@ -182,28 +183,40 @@ fn run_to(cli: Cli, out: &mut impl Write) -> Result<()> {
         }
         Command::Changes { since, disk, json } => {
             let s = Store::open(&root)?;
-            let v = control::run(
-                &s,
-                &Request::Changes {
-                    since: since.clone(),
-                    disk,
-                },
-            )?;
+            let req = Request::Changes {
+                since: since.clone(),
+                disk: disk.clone(),
+            };
+            // Typed all the way: a 1 TiB disk can have hundreds of thousands of extents.
+            let changes: Vec<DiskChanges> =
+                control::run_typed(&s, &req, |e| e.changes(&since, disk.as_deref()))?;
             if json {
-                return print_json(out, &serde_json::json!({"since": since, "disks": v}));
+                #[derive(serde::Serialize)]
+                struct Doc<'a> {
+                    since: &'a str,
+                    disks: &'a [DiskChanges],
+                }
+                let doc = Doc {
+                    since: &since,
+                    disks: &changes,
+                };
+                serde_json::to_writer_pretty(&mut *out, &doc)
+                    .map_err(|e| Error::io("write", "stdout")(e.into()))?;
+                return emit(out, String::new());
             }
-            for d in v.as_array().into_iter().flatten() {
-                let name = d["disk"].as_str().unwrap_or("?");
-                if d["in_point"] == Value::Bool(false) {
+            for d in &changes {
+                if !d.in_point {
                     emit(
                         out,
                         format!(
-                            "# {name}: not registered when {since} was created: all of it is new"
+                            "# {}: not registered when {since} was created: all of it is new",
+                            d.disk
                         ),
                     )?;
                 }
-                for e in d["extents"].as_array().into_iter().flatten() {
-                    emit(out, format!("{name}\t{}\t{}", e["offset"], e["length"]))?;
+                for e in &d.extents {
+                    writeln!(out, "{}\t{}\t{}", d.disk, e.offset, e.length)
+                        .map_err(Error::io("write", "stdout"))?;
                 }
             }
             Ok(())

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -156,8 +157,8 @@ fn status(engine: &Engine) -> Result<Value> {
 
 #[derive(Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-enum Reply {
-    Ok(Value),
+enum Reply<T = Value> {
+    Ok(T),
     Error(String),
 }
 
@@ -167,6 +168,14 @@ enum Reply {
 /// `Locked` when nothing answers on the socket (another non-daemon process holds the lock);
 /// the daemon's own error text as `Daemon`.
 pub fn call(store: &Store, req: &Request) -> Result<Value> {
+    call_typed(store, req)
+}
+
+/// `call`, parsing the answer straight into `T` (no intermediate `Value` for large replies).
+///
+/// # Errors
+/// As `call`.
+pub fn call_typed<T: DeserializeOwned>(store: &Store, req: &Request) -> Result<T> {
     let path = store.socket_path();
     let mut s = match UnixStream::connect(&path) {
         Ok(s) => s,
@@ -180,13 +189,35 @@ pub fn call(store: &Store, req: &Request) -> Result<Value> {
     let mut reply = String::new();
     r.read_line(&mut reply)
         .map_err(Error::io("read from the daemon at", &path))?;
-    match serde_json::from_str::<Reply>(&reply) {
+    match serde_json::from_str::<Reply<T>>(&reply) {
         Ok(Reply::Ok(v)) => Ok(v),
         Ok(Reply::Error(e)) => Err(Error::Daemon(e)),
         Err(_) => Err(Error::Daemon(format!(
-            "unreadable reply from {}: {reply:?}",
-            path.display()
+            "unreadable reply from {}: {:?}",
+            path.display(),
+            reply.chars().take(200).collect::<String>()
         ))),
+    }
+}
+
+/// Run `req` on the store's owner and get a typed answer: `direct` runs it in this process
+/// when the store is free (without a JSON round trip), else the daemon carries out `req`.
+///
+/// # Errors
+/// As `run`.
+pub fn run_typed<T: DeserializeOwned>(
+    store: &Store,
+    req: &Request,
+    direct: impl FnOnce(&Engine) -> Result<T>,
+) -> Result<T> {
+    match Engine::open(store.clone()) {
+        Ok(engine) => {
+            let v = direct(&engine)?;
+            engine.close()?;
+            Ok(v)
+        }
+        Err(Error::Locked(_)) => call_typed(store, req),
+        Err(e) => Err(e),
     }
 }
 

@@ -12,7 +12,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use parking_lot::{Mutex, MutexGuard, RwLock};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::live::{LiveDisk, open_image};
@@ -38,7 +38,7 @@ pub struct Engine {
 }
 
 /// Changed extents of one disk.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct DiskChanges {
     pub disk: String,
     pub size: u64,
@@ -49,7 +49,7 @@ pub struct DiskChanges {
     pub extents: Vec<Extent>,
 }
 
-#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Extent {
     pub offset: u64,
     pub length: u64,
