@@ -90,8 +90,10 @@ impl Engine {
         let file = open_image(&rec.image)?;
         let id = identity_of(&rec.image)?;
         let tracker = Tracker::open(store, &rec.name, id, floor)?;
+        // Not a warning here: a command's one line on stderr (the error of `changes`, the
+        // warning of `backup`) names the reason, `status` shows it, the daemon logs it.
         if let Some(reason) = &tracker.report().lost {
-            log::warn!("disk {}: change tracking restarted: {reason}", rec.name);
+            log::info!("disk {}: change tracking restarted: {reason}", rec.name);
         }
         Ok(LiveDisk::new(&rec.name, &rec.image, file, tracker))
     }

@@ -187,7 +187,7 @@ impl Tracker {
         cur: u32,
         reason: String,
     ) -> Result<Tracker> {
-        ::log::warn!("disk {name}: tracking restarts: {reason}");
+        ::log::debug!("disk {name}: tracking restarts: {reason}");
         let mut header = fresh_header(store.block_size(), id, cur, &reason);
         header.flags = FLAG_OPEN;
         Self::create_files(
