@@ -263,3 +263,58 @@ fn deleted_or_damaged_tracking_files_are_detected() {
         assert_loss_is_loud(&s, why);
     }
 }
+
+/// Known gap (invariant 3): after an unclean stop the log holds marks, and tracked writes made
+/// since the last flush legitimately moved the image's mtime and ctime, so open does not
+/// compare them; a write made straight to the image between the kill and the next open, in a
+/// region the log did not mark, is then missed silently. Closing it needs a bound on when
+/// tracked writes may have happened (e.g. a durable write lease renewed by the write path,
+/// checked against the image's ctime at recovery).
+#[test]
+#[ignore = "known gap: outside writes between a kill -9 and the next open are not detected"]
+fn dd_after_a_kill_9_is_detected() {
+    if !fuse_ok("dd_after_a_kill_9_is_detected") {
+        return;
+    }
+    // 4 KiB blocks: 4 MiB regions, two on this disk.
+    let dir = tempfile::tempdir().unwrap();
+    let s = Setup {
+        store: dir.path().join("store"),
+        image: dir.path().join("disk0.raw"),
+        mnt: dir.path().join("mnt"),
+        dir,
+    };
+    std::fs::create_dir(&s.mnt).unwrap();
+    std::fs::File::create(&s.image)
+        .unwrap()
+        .set_len(SIZE as u64)
+        .unwrap();
+    s.ok(&["init", "--block-size", "4K"]);
+    s.ok(&["disk", "add", "disk0", s.image.to_str().unwrap()]);
+    s.ok(&["ref", "create", "a"]);
+    let mut m = s.mount();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(s.live())
+        .unwrap()
+        .write_all_at(b"tracked", 10)
+        .unwrap();
+    m.signal("KILL");
+    m.wait_gone();
+    s.ok(&["umount", s.mnt.to_str().unwrap()]);
+    // In the second region, which the log did not mark.
+    let src = s.dir.path().join("src.bin");
+    std::fs::write(&src, pattern(4096, 5)).unwrap();
+    dd(&src, &s.image, 1900);
+    let (ok, out, _) = outcome(&s, &["changes", "--since", "a", "--json"]);
+    if ok {
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let hit = changed_extents(&v)
+            .iter()
+            .any(|&(o, l)| o <= 1900 * 4096 && 1901 * 4096 <= o + l);
+        assert!(
+            hit,
+            "the outside write after the kill went unnoticed: {out}"
+        );
+    }
+}
