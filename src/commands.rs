@@ -366,19 +366,10 @@ fn run_to(cli: Cli, out: &mut impl Write) -> Result<()> {
                     emit(out, format!("disk {name}: {image}, {tracking}"))?;
                     continue;
                 }
-                let mut line = format!(
+                let line = format!(
                     "disk {name}: {} bytes, {image}, seq {}, tracking {tracking}",
                     d["size"], d["current_seq"]
                 );
-                if let Some(why) = d["restart_reason"]
-                    .as_str()
-                    .filter(|w| !w.is_empty() && !tracking.starts_with("restarted"))
-                {
-                    line += &format!(
-                        " (changes before seq {} are unknown: {why})",
-                        d["tracked_since_seq"]
-                    );
-                }
                 emit(out, line)?;
             }
             Ok(())

@@ -128,6 +128,12 @@ fn status(engine: &Engine) -> Result<Value> {
                         "recovered after an unclean stop ({} regions counted as changed)",
                         t.report().recovered_regions
                     ),
+                    // Restarted in an earlier session: older points stay unusable, say why.
+                    None if !t.lost_reason().is_empty() => format!(
+                        "ok since seq {} (restarted: {})",
+                        t.base_seq(),
+                        t.lost_reason()
+                    ),
                     None => "ok".to_string(),
                 },
                 // Persistent, unlike `tracking`: why changes before `tracked_since_seq` are

@@ -225,6 +225,11 @@ fn serve_inner(
     // thread below ever sees these signals.
     sys::block_signals(&SIGNALS).map_err(Error::io("block signals in", mp))?;
     let engine = Arc::new(open_engine(store)?);
+    for d in engine.disks() {
+        if let Some(reason) = &d.tracker().report().lost {
+            log::warn!("disk {}: change tracking restarted: {reason}", d.name());
+        }
+    }
     let socket = engine.store().socket_path();
     let listener = control::bind(&socket)?;
     {

@@ -55,6 +55,12 @@ impl DurableFile {
 
     pub fn write_at(&self, buf: &[u8], off: u64) -> Result<()> {
         #[cfg(test)]
+        if super::powerloss::should_fail(&self.path) {
+            return Err(Error::io("write", &self.path)(
+                std::io::Error::from_raw_os_error(libc::ENOSPC),
+            ));
+        }
+        #[cfg(test)]
         super::powerloss::wrote(&self.path, off, buf);
         self.file
             .write_all_at(buf, off)

@@ -116,14 +116,29 @@ impl DirtyLog {
     }
 
     /// Mark regions and make the marks durable before returning.
+    ///
+    /// # Errors
+    /// A failed write or sync. The regions then stay unmarked in memory, so the next write
+    /// to them marks them again (rewriting the page) instead of trusting a mark that may
+    /// never have reached the disk.
     pub fn mark(&mut self, regions: &[u64]) -> Result<()> {
         let mut pages: Vec<u64> = Vec::new();
+        let mut new: Vec<u64> = Vec::new();
         for &r in regions {
-            self.bits[(r / 8) as usize] |= 1 << (r % 8);
+            if !self.is_marked(r) {
+                self.bits[(r / 8) as usize] |= 1 << (r % 8);
+                new.push(r);
+            }
             pages.push(r / BITS_PER_PAGE);
         }
         pages.dedup();
-        self.write_pages(&pages)
+        let res = self.write_pages(&pages);
+        if res.is_err() {
+            for r in new {
+                self.bits[(r / 8) as usize] &= !(1 << (r % 8));
+            }
+        }
+        res
     }
 
     /// Clear every mark durably (after the map flush that covers them is durable).

@@ -17,6 +17,24 @@ pub enum Event {
 }
 
 static EVENTS: Mutex<Vec<Event>> = Mutex::new(Vec::new());
+static FAIL: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+/// Make the next write to `path` fail (as on a full copy-on-write filesystem or a bad disk).
+pub fn fail_next_write(path: &Path) {
+    FAIL.lock().push(path.to_path_buf());
+}
+
+/// Whether this write to `path` is to fail (consumes the injected failure).
+pub fn should_fail(path: &Path) -> bool {
+    let mut f = FAIL.lock();
+    match f.iter().position(|p| p == path) {
+        Some(i) => {
+            f.remove(i);
+            true
+        }
+        None => false,
+    }
+}
 
 pub fn synced(path: &Path) {
     let bytes = std::fs::read(path).unwrap_or_default();

@@ -124,6 +124,28 @@ fn outside_write_resize_and_damage_are_never_silent() {
     );
 }
 
+/// A log write that fails refuses the data write, and must not leave the region looking
+/// marked: the next write to it would otherwise be acknowledged with no durable mark, and a
+/// crash would then lose it.
+#[test]
+fn a_failed_mark_is_made_again_by_the_next_write() {
+    let f = fx(256 << 20); // 4 regions
+    let id = identity_of(&f.img).unwrap();
+    let mut t = Tracker::create(&f.store, "d", id, 1).unwrap();
+    let r1 = t.advance(id).unwrap();
+    super::powerloss::fail_next_write(&f.store.log_path("d"));
+    let e = t.before_write(1500 * 65536, 4096).unwrap_err();
+    assert!(e.to_string().contains("No space left"), "{e}");
+    assert_eq!(t.dirty_regions(), 0);
+    // The caller did not write. The next write to that region is acknowledged...
+    t.before_write(1600 * 65536, 4096).unwrap();
+    assert_eq!(t.dirty_regions(), 1);
+    drop(t); // ...then kill -9.
+    let t = Tracker::open(&f.store, "d", id, r1 + 1).unwrap();
+    assert_eq!(t.report().recovered_regions, 1);
+    assert_eq!(runs(&t, r1), vec![(1024, 1024)]);
+}
+
 #[test]
 fn seq_floor_from_points_wins_over_an_older_header() {
     let f = fx(1 << 20);
