@@ -43,10 +43,13 @@ pub enum Command {
     Ref(RefCmd),
     /// Changed byte extents since a reference point
     Changes {
+        /// The reference point to compare with
         #[arg(long, value_name = "REF")]
         since: String,
+        /// Only this disk
         #[arg(long, value_name = "NAME")]
         disk: Option<String>,
+        /// Print one JSON document on stdout
         #[arg(long)]
         json: bool,
     },
@@ -71,6 +74,7 @@ pub enum Command {
         /// Copy the blocks changed since this restorable point (default: the newest one)
         #[arg(long, value_name = "REF")]
         since: Option<String>,
+        /// Print one JSON document on stdout
         #[arg(long)]
         json: bool,
     },
@@ -78,8 +82,10 @@ pub enum Command {
     Restore {
         #[arg(value_name = "REF")]
         point: String,
+        /// The disk to restore
         #[arg(long, value_name = "NAME")]
         disk: String,
+        /// Where to write the sparse raw image
         #[arg(long, value_name = "PATH")]
         to: PathBuf,
         /// Overwrite PATH if it exists
@@ -90,16 +96,19 @@ pub enum Command {
     Verify {
         #[arg(value_name = "REF")]
         point: Option<String>,
+        /// Print one JSON document on stdout
         #[arg(long)]
         json: bool,
     },
     /// Delete older restorable points, keeping the newest N (every kept point stays exact)
     Prune {
+        /// How many of the newest restorable points to keep
         #[arg(long, value_name = "N")]
         keep_last: u32,
     },
     /// The store, its disks and their tracking state
     Status {
+        /// Print one JSON document on stdout
         #[arg(long)]
         json: bool,
     },
@@ -111,6 +120,7 @@ pub enum DiskCmd {
     Add { name: String, image: PathBuf },
     /// List registered disks
     List {
+        /// Print one JSON document on stdout
         #[arg(long)]
         json: bool,
     },
@@ -120,6 +130,7 @@ pub enum DiskCmd {
 
 #[derive(Debug, Args)]
 pub struct Json {
+    /// Print one JSON document on stdout
     #[arg(long)]
     pub json: bool,
 }
@@ -129,6 +140,7 @@ pub enum RefCmd {
     /// Create a reference point (metadata only), or with --checkpoint a stable image
     Create {
         name: String,
+        /// The backup tool or vendor that owns the point (owners never disturb each other)
         #[arg(long)]
         owner: Option<String>,
         /// Keep the point's image readable (copy-on-write) until `ref demote`; lasts as long
@@ -140,6 +152,7 @@ pub enum RefCmd {
     Demote { name: String },
     /// List reference points, oldest first
     List {
+        /// Only points of this owner
         #[arg(long)]
         owner: Option<String>,
         #[command(flatten)]
