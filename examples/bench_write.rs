@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! bench_write fill IMAGE SIZE DATA_BYTES SEED   sparse image, data in every other 64 MiB
-//! bench_write plan SIZE BYTES EXTENT SEED       print "offset length" lines (aligned extents)
+//! bench_write plan SIZE BYTES EXTENT SEED [LEN]  print "offset length" lines (aligned extents;
+//!                                               with LEN, write only LEN bytes at each)
 //! bench_write apply STORE DISK PLANFILE SEED    write random bytes at every planned extent
 //! ```
 
@@ -62,13 +63,14 @@ fn main() {
         Some("plan") => {
             let (size, bytes, extent, mut rng) =
                 (num(&a[2]), num(&a[3]), num(&a[4]), Rng(num(&a[5]) | 1));
+            let len = a.get(6).map_or(extent, |s| num(s));
             let slots = size / extent;
             let mut seen = std::collections::BTreeSet::new();
             while (seen.len() as u64) * extent < bytes && (seen.len() as u64) < slots {
                 seen.insert(rng.next() % slots);
             }
             for s in seen {
-                println!("{} {}", s * extent, extent);
+                println!("{} {}", s * extent, len);
             }
         }
         Some("apply") => {

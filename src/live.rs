@@ -147,6 +147,10 @@ impl LiveDisk {
 
     /// Flush tracking state (periodic or on demand); quiesces writers briefly.
     pub fn flush(&self) -> Result<()> {
+        // Write back the dirty data first, with writers running: the fsync under the gate
+        // then has only what arrived meanwhile, so writes stall for milliseconds instead of
+        // for seconds of buffered data.
+        self.sync_data()?;
         let _q = self.quiesce();
         let id = self.synced_identity()?;
         self.tracker.lock().flush(id)

@@ -15,6 +15,11 @@ use crate::store::records::{RefRecord, RefState};
 use super::index::BlockIndex;
 use super::pack::{OpenPack, PackCache};
 
+thread_local! {
+    /// One block buffer per reading thread, for reads that cover part of a block.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// A restorable point's image of one disk.
 pub struct PointImage {
     label: String,
@@ -88,7 +93,6 @@ impl ImageSource for PointImage {
         let n = buf.len().min((size - off) as usize);
         let bs = self.index.block_size as usize;
         let entries = &self.index.entries;
-        let mut scratch = Vec::new();
         let mut done = 0usize;
         while done < n {
             let pos = off + done as u64;
@@ -119,10 +123,15 @@ impl ImageSource for PointImage {
                 }
                 done += k * bs;
             } else {
-                scratch.resize(bs, 0);
-                pack.read_slots(e.slot, &mut scratch, bs as u32)?;
-                self.check(&pack, b, &scratch)?;
-                buf[done..done + take].copy_from_slice(&scratch[inb..inb + take]);
+                // Part of a block: the whole block is read and checked, in a buffer reused by
+                // this thread (no allocation and zeroing per small read).
+                SCRATCH.with_borrow_mut(|scratch| -> Result<()> {
+                    scratch.resize(bs, 0);
+                    pack.read_slots(e.slot, scratch, bs as u32)?;
+                    self.check(&pack, b, scratch)?;
+                    buf[done..done + take].copy_from_slice(&scratch[inb..inb + take]);
+                    Ok(())
+                })?;
                 done += take;
             }
         }

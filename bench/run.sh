@@ -1,0 +1,372 @@
+#!/usr/bin/env bash
+# bench/run.sh [--quick]: every row of issue 6 in one run, each figure beside the baseline a
+# user would otherwise pick, measured in this same run, with its ratio and target. Prints one
+# markdown table and writes it to bench/results/latest.md (--quick: bench/results/quick.md).
+#
+#   full:    2 GiB data disk, chains of depth 1/10/100, 1 TiB sparse disk; about 6-8 minutes.
+#   --quick: tiny sizes, about a minute; proves the benchmark still works, never judges speed.
+#
+# Needs root (mounts, drop_caches, apt-get). Installs fio and qemu-utils if missing. Knobs:
+# DISK (bytes of the data disk), BIG (bytes of the sparse disk), REPS, RUNTIME (s per fio job),
+# KEEP=1 keeps the work directory. See bench/README.md for what every row measures.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+QUICK=0
+[ "${1:-}" = "--quick" ] && QUICK=1
+GIB=$((1 << 30))
+if [ $QUICK = 1 ]; then
+    DISK=${DISK:-$((64 << 20))}; BIG=${BIG:-$((4 * GIB))}; REPS=${REPS:-1}; RUNTIME=${RUNTIME:-1}
+    RESULT=bench/results/quick.md
+else
+    DISK=${DISK:-$((2 * GIB))}; BIG=${BIG:-$((1024 * GIB))}; REPS=${REPS:-3}; RUNTIME=${RUNTIME:-2}
+    RESULT=bench/results/latest.md
+fi
+DEPTHS="1 10 100"
+RAND_RUNTIME=1   # s per random-read job: QD1 4 KiB reads give tens of thousands of samples
+EXT=$((64 << 10))
+T_START=$(date +%s)
+
+if [ "$(id -u)" != 0 ]; then echo "bench/run.sh: run as root (mounts, drop_caches)" >&2; exit 1; fi
+need=()
+command -v fio >/dev/null || need+=(fio)
+command -v qemu-img >/dev/null && command -v qemu-io >/dev/null || need+=(qemu-utils)
+command -v fusermount3 >/dev/null || need+=(fuse3)
+if [ ${#need[@]} -gt 0 ]; then
+    echo "installing ${need[*]}" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need[@]}" >/dev/null ||
+        { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need[@]}" >/dev/null; }
+fi
+cargo build --release --quiet --bin vmref --example plainfs --example bench_write
+V="$PWD/target/release/vmref"
+P="$PWD/target/release/examples/plainfs"
+W="$PWD/target/release/examples/bench_write"
+
+WORK=$(mktemp -d /var/tmp/vmref-run.XXXXXX)
+OUT=$(mktemp -d /dev/shm/vmref-run.XXXXXX)
+ROWS=$WORK/rows.tsv
+: > "$ROWS"
+MOUNTS=()
+PIDS=()
+cleanup() {
+    set +e
+    for m in "${MOUNTS[@]}"; do
+        if mountpoint -q "$m"; then umount "$m" 2>/dev/null || umount -l "$m"; fi
+    done
+    for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null; done
+    rm -rf "$OUT"
+    if [ "${KEEP:-0}" = 1 ]; then echo "kept $WORK" >&2; else rm -rf "$WORK"; fi
+}
+trap cleanup EXIT
+log() { echo "[$(($(date +%s) - T_START))s] $*" >&2; }
+
+# ---------- helpers ----------
+now_ns() { date +%s%N; }
+# rec SECTION NAME VALUE UNIT BASELINE_NAME BASELINE_VALUE TARGET
+# UNIT: Bps (bytes/s), s, ms, B (bytes). TARGET: comma list of r>=x, r<=x, v>=x, v<x
+# (r = value / baseline; for times the table shows speed ratios where the target says so).
+rec() { printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$@" >> "$ROWS"; }
+median() { python3 -c 'import sys,statistics; v=[float(x) for x in sys.argv[1:]]; print(statistics.median(v))' "$@"; }
+drop_fuse_cache() { dd if="$1" iflag=nocache count=0 status=none; }
+drop_all_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
+# dd_bw FILE -> bytes/s of one sequential 1 MiB read of the whole file
+dd_bw() {
+    local size t0 t1
+    size=$(stat -L -c %s "$1")
+    t0=$(now_ns); dd if="$1" of=/dev/null bs=1M status=none; t1=$(now_ns)
+    python3 -c "print($size * 1e9 / ($t1 - $t0))"
+}
+# fio_bw FILE RW BS DIRECT INVALIDATE [TIMED] -> bytes/s (psync, queue depth 1)
+fio_bw() {
+    local timed=()
+    [ "${6:-0}" = 1 ] && timed=(--time_based --runtime="$RUNTIME")
+    fio --name=b --filename="$1" --rw="$2" --bs="$3" --direct="$4" --invalidate="$5" \
+        --ioengine=psync --size="$(stat -L -c %s "$1")" --fallocate=none --randrepeat=0 \
+        "${timed[@]}" --output-format=json |
+        python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]; print(j["read"]["bw_bytes"]+j["write"]["bw_bytes"])'
+}
+# secs CMD... -> wall seconds of the command
+secs() { local t0 t1; t0=$(now_ns); "$@" >/dev/null; t1=$(now_ns); python3 -c "print(($t1 - $t0) / 1e9)"; }
+wait_mounted() { for _ in $(seq 100); do mountpoint -q "$1" && return 0; sleep 0.05; done; echo "$1 did not mount" >&2; exit 1; }
+plainfs() { # MOUNTPOINT FILE ARGS... : start a plainfs daemon in the background
+    mkdir -p "$1"
+    "$P" "$@" > "$WORK/plainfs.$(basename "$1").log" 2>&1 &
+    PIDS+=($!); MOUNTS+=("$1")
+    wait_mounted "$1"
+}
+
+# ---------- the data disk and its chain of 100 points, and the equivalent qcow2 chain ----------
+S=$WORK/store
+IMG=$WORK/disk0.img
+export VMREF_STORE=$S
+log "making a $((DISK >> 20)) MiB disk full of data"
+"$W" fill "$IMG" "$DISK" "$DISK" 1
+"$V" -q init >/dev/null
+"$V" -q disk add disk0 "$IMG" >/dev/null
+sync
+t0=$(now_ns); "$V" -q backup p001 >/dev/null; t1=$(now_ns)
+FULL_S=$(python3 -c "print(($t1 - $t0) / 1e9)")
+PACKS0=$(du -sb "$S/data" | cut -f1)
+qemu-img convert -f raw -O qcow2 "$IMG" "$WORK/q001.qcow2"
+
+CHANGED=$((DISK / 100))
+"$W" plan "$DISK" "$CHANGED" "$EXT" 2 > "$WORK/plan.002"
+"$W" apply "$S" disk0 "$WORK/plan.002" 2
+sync
+t0=$(now_ns); "$V" -q backup p002 >/dev/null; t1=$(now_ns)
+INC_S=$(python3 -c "print(($t1 - $t0) / 1e9)")
+ADDED=$(( $(du -sb "$S/data" | cut -f1) - PACKS0 ))
+PLANNED=$(awk '{ s += $2 } END { print s }' "$WORK/plan.002")
+rec backup "incremental backup (1 % changed) vs full backup, time" "$INC_S" s "full backup" "$FULL_S" "r<=0.03"
+rec backup "store bytes added by the incremental vs bytes changed" "$ADDED" B "bytes changed" "$PLANNED" "r<=1.05"
+
+qemu_apply() { # overlay n on n-1, then the plan's writes
+    local n=$1 prev=$2 plan=$3 args=()
+    qemu-img create -q -f qcow2 -F qcow2 -b "$WORK/q$prev.qcow2" "$WORK/q$n.qcow2"
+    while read -r off len; do args+=(-c "write -P 0x5a $off $len"); done < "$plan"
+    qemu-io -f qcow2 "${args[@]}" "$WORK/q$n.qcow2" >/dev/null
+}
+qemu_apply 002 001 "$WORK/plan.002"
+log "building chains of 100 points (vmref backups and qcow2 overlays)"
+for i in $(seq 3 100); do
+    n=$(printf %03d "$i"); p=$(printf %03d $((i - 1)))
+    "$W" plan "$DISK" $((16 * EXT)) "$EXT" "$i" > "$WORK/plan.$n"
+    "$W" apply "$S" disk0 "$WORK/plan.$n" "$i"
+    "$V" -q backup "p$n" >/dev/null
+    qemu_apply "$n" "$p" "$WORK/plan.$n"
+done
+
+# ---------- point image reads ----------
+MV=$WORK/mnt-vmref
+mkdir -p "$MV"
+"$V" -q mount "$MV"
+MOUNTS+=("$MV")
+plainfs "$WORK/mnt-keep" "$IMG" --mode keep-cache
+plainfs "$WORK/mnt-direct" "$IMG" --mode direct-io
+PT_OK=1
+plainfs "$WORK/mnt-pt" "$IMG" --mode passthrough
+if ! dd if="$WORK/mnt-pt/disk.img" of=/dev/null bs=4k count=1 status=none 2>"$WORK/pt.err"; then
+    PT_OK=0
+    log "kernel FUSE passthrough refused: $(cat "$WORK/pt.err" "$WORK/plainfs.mnt-pt.log" | tr '\n' ' ')"
+fi
+# The point images and the raw file hold different bytes (points 1 and 10 are older), but the
+# same amount of data: the rows compare paths, and the tests check bytes.
+declare -A F=(
+    [raw]=$IMG
+    [keep]=$WORK/mnt-keep/disk.img
+    [direct]=$WORK/mnt-direct/disk.img
+    [pt]=$WORK/mnt-pt/disk.img
+    [p1]=$MV/p001/disk0.img
+    [p10]=$MV/p010/disk0.img
+    [p100]=$MV/p100/disk0.img
+)
+TARGETS="raw keep direct p1 p10 p100"
+[ $PT_OK = 1 ] && TARGETS="raw keep direct pt p1 p10 p100"
+find "$S/data" -type f -exec cat {} + > /dev/null; cat "$IMG" > /dev/null   # warm: the raw file and every pack in the page cache
+declare -A DD1 DD2 FSEQ FRND
+log "point reads: $REPS repetitions of dd 1 MiB (first read, re-read), fio seq 1 MiB, fio rand 4 KiB"
+for _ in $(seq "$REPS"); do
+    for t in $TARGETS; do
+        f=${F[$t]}
+        inv=1; case $t in raw | pt) inv=0 ;; esac   # never drop the raw file's own cache
+        [ $inv = 1 ] && drop_fuse_cache "$f"
+        DD1[$t]+="$(dd_bw "$f") "
+        DD2[$t]+="$(dd_bw "$f") "
+        FSEQ[$t]+="$(fio_bw "$f" read 1M 0 "$inv") "
+        FRND[$t]+="$(RUNTIME=$RAND_RUNTIME fio_bw "$f" randread 4k 0 "$inv" 1) "
+    done
+done
+m() { local -n arr=$1; median ${arr[$2]}; }
+for what in DD1 DD2 FSEQ FRND; do
+    case $what in
+        DD1) label="seq read dd 1 MiB, first read"; tgt="r>=0.9,v>=3e9" ;;
+        DD2) label="seq read dd 1 MiB, re-read (page cache)"; tgt="r>=0.9" ;;
+        FSEQ) label="seq read fio 1 MiB, first read"; tgt="r>=0.9,v>=3e9" ;;
+        FRND) label="rand read fio 4 KiB QD1, first read"; tgt="r>=0.9" ;;
+    esac
+    keep=$(m $what keep)
+    for d in $DEPTHS; do
+        rec reads "point depth $d: $label" "$(m $what "p$d")" Bps "plainfs keep-cache" "$keep" "$tgt"
+    done
+    rec reads "point depth 100 vs depth 1: $label" "$(m $what p100)" Bps "point depth 1" "$(m $what p1)" "r>=0.9"
+    rec reads "baseline plainfs keep-cache: $label" "$keep" Bps "raw file (page cache)" "$(m $what raw)" ""
+    rec reads "baseline plainfs direct-io: $label" "$(m $what direct)" Bps "raw file (page cache)" "$(m $what raw)" ""
+    if [ $PT_OK = 1 ]; then
+        rec reads "baseline kernel passthrough: $label" "$(m $what pt)" Bps "raw file (page cache)" "$(m $what raw)" ""
+    fi
+done
+[ $PT_OK = 1 ] || rec reads "kernel FUSE passthrough" "refused" - "" "" ""
+
+# ---------- restore ----------
+log "restore: vmref restore, cp --sparse=always from the mount, qemu-img convert; warm x$REPS, cold x1"
+declare -A RV RC RQ
+restore_round() { # d cold
+    local d=$1 cold=$2 n v c q
+    n=$(printf %03d "$d")
+    [ "$cold" = 1 ] && drop_all_caches
+    v=$(secs "$V" -q restore "p$n" --disk disk0 --to "$OUT/v.img")
+    rm -f "$OUT/v.img"
+    if [ "$cold" = 1 ]; then drop_all_caches; else drop_fuse_cache "$MV/p$n/disk0.img"; fi
+    c=$(secs cp --sparse=always "$MV/p$n/disk0.img" "$OUT/c.img")
+    rm -f "$OUT/c.img"
+    [ "$cold" = 1 ] && drop_all_caches
+    q=$(secs qemu-img convert -O raw "$WORK/q$n.qcow2" "$OUT/q.raw")
+    rm -f "$OUT/q.raw"
+    RV[$d$cold]+="$v "; RC[$d$cold]+="$c "; RQ[$d$cold]+="$q "
+}
+for d in $DEPTHS; do   # warm-up: every chain's files in the page cache once
+    n=$(printf %03d "$d"); cat "$WORK/q$n.qcow2" > /dev/null
+done
+for _ in $(seq "$REPS"); do for d in $DEPTHS; do restore_round "$d" 0; done; done
+for d in $DEPTHS; do restore_round "$d" 1; done
+for cold in 0 1; do
+    w=warm; [ $cold = 1 ] && w="cold (drop_caches)"
+    for d in $DEPTHS; do
+        q=$(median ${RQ[$d$cold]})
+        qb=$(python3 -c "print($DISK / $q)")
+        rec restore "depth $d $w: vmref restore" "$(python3 -c "print($DISK / $(median ${RV[$d$cold]}))")" Bps "qemu-img convert -O raw (qcow2 chain)" "$qb" "r>=1.0"
+        rec restore "depth $d $w: cp --sparse=always from the mount" "$(python3 -c "print($DISK / $(median ${RC[$d$cold]}))")" Bps "qemu-img convert -O raw (qcow2 chain)" "$qb" "r>=0.5"
+    done
+done
+"$V" -q umount "$MV"
+cat "$IMG" > /dev/null
+
+# ---------- live writes (and reads) ----------
+log "live writes: vmref live (tracked) vs plainfs direct-io (untracked) vs raw file, $REPS x ${RUNTIME}s each"
+RAW2=$WORK/raw2.img
+cp "$IMG" "$RAW2"; cat "$IMG" "$RAW2" > /dev/null
+"$V" -q mount "$MV"
+plainfs "$WORK/mnt-rw" "$RAW2" --rw --mode direct-io
+LIVE=$MV/live/disk0.img
+declare -A LW
+order=(live plain raw)
+for _ in $(seq "$REPS"); do
+    order=("${order[@]:1}" "${order[0]}")   # rotate: no target always runs after another's writeback
+    for job in "write 1M 0" "write 1M 1" "randwrite 4k 0" "randwrite 4k 1" "read 1M 0"; do
+        set -- $job
+        for t in "${order[@]}"; do
+            sync
+            case $t in live) f=$LIVE ;; plain) f=$WORK/mnt-rw/disk.img ;; raw) f=$RAW2 ;; esac
+            LW[$job$t]+="$(fio_bw "$f" "$1" "$2" "$3" 0 1) "
+        done
+    done
+done
+for job in "write 1M 0" "write 1M 1" "randwrite 4k 0" "randwrite 4k 1" "read 1M 0"; do
+    set -- $job
+    io=buffered; [ "$3" = 1 ] && io=O_DIRECT
+    label="live $1 $2 $io"
+    tgt="r>=0.95"; [ "$1" = read ] && tgt=""
+    if [ "$1" = read ]; then
+        rec live "$label: vmref (tracked)" "$(median ${LW[${job}live]})" Bps "raw file (page cache)" "$(median ${LW[${job}raw]})" ""
+    else
+        rec live "$label: vmref (tracked)" "$(median ${LW[${job}live]})" Bps "plainfs direct-io (untracked)" "$(median ${LW[${job}plain]})" "$tgt"
+    fi
+    rec live "$label: baseline plainfs (untracked)" "$(median ${LW[${job}plain]})" Bps "raw file" "$(median ${LW[${job}raw]})" ""
+done
+"$V" -q umount "$MV"
+
+# ---------- 1 TiB sparse disk: point creation, changes, memory ----------
+daemon_pid() { # STORE -> pid of the vmref daemon serving it
+    ps -eo pid=,args= | awk -v s="--store $1 mount" 'index($0, s) { print $1; exit }'
+}
+big_store() { # NAME SIZE -> a store with one sparse disk, a point p0 before 1 % of its blocks changed
+    local s=$WORK/$1 size=$2
+    mkdir -p "$s"
+    truncate -s "$size" "$WORK/$1.img"
+    "$V" -q --store "$s/store" init >/dev/null
+    "$V" -q --store "$s/store" disk add big "$WORK/$1.img" >/dev/null
+    "$V" -q --store "$s/store" ref create p0 >/dev/null
+}
+log "sparse disks: $((BIG >> 30)) GiB with 1 % of its blocks changed (4 KiB written into each), and 1 GiB"
+big_store big "$BIG"
+big_store small $GIB
+"$W" plan "$BIG" $((BIG / 100)) "$EXT" 5 4096 > "$WORK/plan.big"
+"$W" apply "$WORK/big/store" big "$WORK/plan.big" 5
+"$W" plan $GIB $((GIB / 100)) "$EXT" 6 4096 > "$WORK/plan.small"
+"$W" apply "$WORK/small/store" big "$WORK/plan.small" 6
+declare -A CR CH HWM RSS
+for which in small big; do
+    s=$WORK/$which/store
+    mkdir -p "$WORK/$which/mnt"
+    "$V" -q --store "$s" mount "$WORK/$which/mnt"
+    MOUNTS+=("$WORK/$which/mnt")
+    pid=$(daemon_pid "$s")
+    RSS[$which]=$(awk '/VmRSS/ { print $2 * 1024 }' "/proc/$pid/status")
+    for i in $(seq 5); do
+        CH[$which]+="$(secs "$V" -q --store "$s" changes --since p0 --json) "
+    done
+    # Each point follows a few tracked writes, so that its flush has work to do.
+    for i in $(seq 7); do
+        dd if=/dev/urandom of="$WORK/$which/mnt/live/big.img" bs=64k count=16 seek=$((i * 1000)) \
+            conv=notrunc,fsync status=none
+        CR[$which]+="$(secs "$V" -q --store "$s" ref create "c$i") "
+    done
+    pid=$(daemon_pid "$s")
+    HWM[$which]=$(awk '/VmHWM/ { print $2 * 1024 }' "/proc/$pid/status")
+    "$V" -q --store "$s" umount "$WORK/$which/mnt"
+done
+BIGN="$((BIG >> 30)) GiB"
+rec meta "point creation (ref create via the daemon), 1 GiB sparse disk" "$(median ${CR[small]})" s "" "" "v<0.005"
+rec meta "point creation (ref create via the daemon), $BIGN sparse disk" "$(median ${CR[big]})" s "1 GiB disk" "$(median ${CR[small]})" "v<0.005"
+rec meta "changes --since p0 --json, $BIGN sparse disk, 1 % of blocks changed ($(wc -l < "$WORK/plan.big") extents)" "$(median ${CH[big]})" s "" "" "v<0.1"
+rec meta "daemon RSS, $BIGN sparse disk mounted, 1 % of blocks changed (every tracking region allocated)" "${RSS[big]}" B "same daemon, 1 GiB disk" "${RSS[small]}" ""
+tracker=$(python3 -c "print(max(0, ${RSS[big]} - ${RSS[small]}) * $((1024 * GIB)) / $BIG)")
+rec meta "tracker memory per TiB (RSS minus the 1 GiB daemon's, scaled to 1 TiB)" "$tracker" B "" "" "v<=67108864"
+rec meta "daemon peak RSS (VmHWM) after the changes queries, $BIGN disk" "${HWM[big]}" B "same daemon, 1 GiB disk" "${HWM[small]}" ""
+
+# ---------- the table ----------
+mkdir -p bench/results
+python3 - "$ROWS" "$QUICK" "$(nproc)" "$(uname -r)" "$DISK" "$BIG" "$REPS" "$RUNTIME" "$(($(date +%s) - T_START))" > "$WORK/table.md" <<'EOF'
+import sys
+rows_path, quick, cores, kernel, disk, big, reps, runtime, took = sys.argv[1:]
+quick = quick == "1"
+def fmt(v, unit):
+    if v == "": return ""
+    try: x = float(v)
+    except ValueError: return v
+    if unit == "Bps": return f"{x/1e9:.2f} GB/s" if x >= 1e9 else f"{x/1e6:.0f} MB/s"
+    if unit == "s": return f"{x*1e3:.1f} ms" if x < 1 else f"{x:.2f} s"
+    if unit == "B": return f"{x/2**20:.1f} MiB"
+    return v
+def verdict(v, b, tgt):
+    if not tgt: return ""
+    try: x = float(v)
+    except ValueError: return "MISS"
+    ok = True
+    for t in tgt.split(","):
+        for op in (">=", "<=", "<", ">"):
+            if op in t:
+                k, lim = t.split(op); lim = float(lim); break
+        y = x / float(b) if k == "r" else x
+        ok &= {">=": y >= lim, "<=": y <= lim, "<": y < lim, ">": y > lim}[op]
+    return "PASS" if ok else "MISS"
+def tgt_text(tgt, unit):
+    out = []
+    for t in tgt.split(","):
+        if not t: continue
+        for op in (">=", "<=", "<", ">"):
+            if op in t:
+                k, lim = t.split(op); break
+        if k == "r": out.append(f"ratio {op} {lim}")
+        else: out.append(f"{op} {fmt(lim, unit)}")
+    return ", ".join(out)
+print(f"# vmref benchmarks{' (--quick: proves the benchmark runs; figures are not judged)' if quick else ''}")
+print()
+print(f"{cores} cores, kernel {kernel}; data disk {int(disk)>>20} MiB, sparse disk {int(big)>>30} GiB; "
+      f"medians of {reps} (cold restores: 1); fio psync QD1, {runtime} s per timed job; run took {took} s.")
+print()
+print("| section | measure | figure | baseline | ratio | target | verdict |")
+print("|---|---|---|---|---|---|---|")
+for line in open(rows_path):
+    sec, name, v, unit, bname, b, tgt = line.rstrip("\n").split("\t")
+    ratio = ""
+    if b not in ("", "0"):
+        try: ratio = f"{float(v)/float(b):.2f}x"
+        except ValueError: pass
+    base = f"{bname} {fmt(b, unit)}".strip()
+    ver = verdict(v, b, tgt)
+    if quick and ver: ver = "(not judged)"
+    print(f"| {sec} | {name} | {fmt(v, unit)} | {base} | {ratio} | {tgt_text(tgt, unit)} | {ver} |")
+EOF
+cp "$WORK/table.md" "$RESULT"
+cat "$RESULT"
+log "done; table in $RESULT"
