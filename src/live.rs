@@ -146,13 +146,14 @@ impl LiveDisk {
     }
 
     /// Flush tracking state (periodic or on demand); quiesces writers briefly.
+    ///
+    /// The image is not synced here: a stamp made durable before its data only over-reports
+    /// if the data is then lost (the block reverts to bytes it had before), and the identity
+    /// check at open only looks for times that moved forward. So a VM that writes without
+    /// fsync pays no data flush every interval; points and clean stops still sync the image.
     pub fn flush(&self) -> Result<()> {
-        // Write back the dirty data first, with writers running: the fsync under the gate
-        // then has only what arrived meanwhile, so writes stall for milliseconds instead of
-        // for seconds of buffered data.
-        self.sync_data()?;
         let _q = self.quiesce();
-        let id = self.synced_identity()?;
+        let id = identity_of(&self.image)?;
         self.tracker.lock().flush(id)
     }
 

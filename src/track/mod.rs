@@ -141,6 +141,8 @@ impl Tracker {
             .filter(|r| !log.is_marked(*r))
             .collect();
         let old = loaded.header.identity;
+        // Times count only when they moved forward: identities are recorded at flushes that do
+        // not sync the image, so after a power loss the inode's times may be older, never newer.
         let reason = if !unexplained.is_empty() {
             Some(format!(
                 "tracking state is damaged ({} region(s) fail their checksum)",
@@ -153,8 +155,7 @@ impl Tracker {
                 "the image was resized outside vmref ({} -> {} bytes)",
                 old.size, id.size
             ))
-        } else if marked.is_empty() && (old.mtime_ns != id.mtime_ns || old.ctime_ns != id.ctime_ns)
-        {
+        } else if marked.is_empty() && (id.mtime_ns > old.mtime_ns || id.ctime_ns > old.ctime_ns) {
             Some("the image was modified outside the mount".to_string())
         } else {
             None
