@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
 use crate::backup::{self, NoProgress, Progress};
@@ -63,7 +64,7 @@ pub enum Request {
 ///
 /// # Errors
 /// Whatever the operation reports.
-pub fn execute(engine: &Engine, req: &Request) -> Result<Value> {
+pub fn execute(engine: &Engine, req: &Request) -> Result<Box<RawValue>> {
     execute_with(engine, req, &NoProgress)
 }
 
@@ -71,8 +72,17 @@ pub fn execute(engine: &Engine, req: &Request) -> Result<Value> {
 ///
 /// # Errors
 /// Whatever the operation reports.
-pub fn execute_with(engine: &Engine, req: &Request, progress: &dyn Progress) -> Result<Value> {
+pub fn execute_with(
+    engine: &Engine,
+    req: &Request,
+    progress: &dyn Progress,
+) -> Result<Box<RawValue>> {
     let store = engine.store();
+    // Serialized once, straight from the typed result: a changes reply can hold hundreds of
+    // thousands of extents, and a `Value` tree of them costs more than the query.
+    fn raw<T: Serialize + ?Sized>(v: &T) -> Box<RawValue> {
+        serde_json::value::to_raw_value(v).expect("replies serialize")
+    }
     Ok(match req {
         Request::RefCreate {
             name,
@@ -84,26 +94,26 @@ pub fn execute_with(engine: &Engine, req: &Request, progress: &dyn Progress) -> 
             } else {
                 RefState::Plain
             };
-            json!(engine.ref_create(name, owner.as_deref(), state)?)
+            raw(&engine.ref_create(name, owner.as_deref(), state)?)
         }
-        Request::RefDelete { name } => json!(backup::manage::delete(engine, name)?),
-        Request::RefDemote { name } => json!(backup::manage::demote(engine, name)?),
-        Request::Backup { name, full, since } => json!(backup::run::backup(
+        Request::RefDelete { name } => raw(&backup::manage::delete(engine, name)?),
+        Request::RefDemote { name } => raw(&backup::manage::demote(engine, name)?),
+        Request::Backup { name, full, since } => raw(&backup::run::backup(
             engine,
             name,
             *full,
             since.as_deref(),
-            progress
+            progress,
         )?),
-        Request::Prune { keep_last } => json!(backup::manage::prune(engine, *keep_last)?),
-        Request::Changes { since, disk } => json!(engine.changes(since, disk.as_deref())?),
-        Request::DiskAdd { name, image } => json!(engine.disk_add(name, image)?),
+        Request::Prune { keep_last } => raw(&backup::manage::prune(engine, *keep_last)?),
+        Request::Changes { since, disk } => raw(&engine.changes(since, disk.as_deref())?),
+        Request::DiskAdd { name, image } => raw(&engine.disk_add(name, image)?),
         Request::DiskRemove { name } => {
             engine.disk_remove(name)?;
-            json!(null)
+            raw(&())
         }
-        Request::Status => status(engine)?,
-        Request::Ping => json!({"pid": std::process::id(), "store": store.root()}),
+        Request::Status => raw(&status(engine)?),
+        Request::Ping => raw(&json!({"pid": std::process::id(), "store": store.root()})),
     })
 }
 
@@ -241,7 +251,8 @@ pub fn run(store: &Store, req: &Request) -> Result<Value> {
 pub fn run_with(store: &Store, req: &Request, progress: &dyn Progress) -> Result<Value> {
     match Engine::open(store.clone()) {
         Ok(engine) => {
-            let v = execute_with(&engine, req, progress)?;
+            let v = serde_json::from_str(execute_with(&engine, req, progress)?.get())
+                .expect("a reply parses");
             engine.close()?;
             Ok(v)
         }
