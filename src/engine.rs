@@ -20,6 +20,7 @@ use crate::names;
 use crate::store::lock::StoreLock;
 use crate::store::records::{DiskRecord, RefDisk, RefRecord, RefState};
 use crate::store::{Store, now_unix, random_id};
+use crate::track::mapfile::Identity;
 use crate::track::{Tracker, identity_of};
 
 pub struct Engine {
@@ -102,8 +103,8 @@ impl Engine {
 
     fn open_disk(store: &Store, rec: &DiskRecord, floor: u32) -> Result<LiveDisk> {
         let file = open_image(&rec.image)?;
-        let id = identity_of(&rec.image)?;
-        let tracker = Tracker::open(store, &rec.name, id, floor)?;
+        let meta = file.metadata().map_err(Error::io("stat", &rec.image))?;
+        let tracker = Tracker::open(store, &rec.name, Identity::of(&meta), floor)?;
         Ok(LiveDisk::new(&rec.name, &rec.image, file, tracker))
     }
 
@@ -189,7 +190,21 @@ impl Engine {
             self.unavailable.write().remove(name);
         } else {
             let disk = self.disk(name)?;
+            // An open checkpoint still reads this disk's live bytes: removing it would let
+            // writes through a re-added disk change them unsaved.
+            if let Some(cp) = self
+                .backup
+                .checkpoints()
+                .into_iter()
+                .find(|c| c.disks.contains_key(name))
+            {
+                return Err(Error::Refused(format!(
+                    "disk {name} is in open checkpoint {}; `vmref ref demote {}` first",
+                    cp.rec.name, cp.rec.name
+                )));
+            }
             disk.close()?;
+            disk.mark_removed();
             self.store.remove_disk_record(name)?;
             self.disks.write().remove(name);
         }

@@ -45,6 +45,8 @@ pub enum Error {
     NoSuchDisk(String),
     #[error("disk {disk} is unavailable ({why}); put the image back or `vmref disk remove {disk}`")]
     DiskUnavailable { disk: String, why: String },
+    #[error("disk {0} was removed from the store; its live file no longer takes writes")]
+    DiskRemoved(String),
     #[error("image {path} cannot be used: {why}")]
     BadImage { path: PathBuf, why: String },
     #[error(

@@ -14,12 +14,13 @@
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use parking_lot::{Mutex, RwLock, RwLockWriteGuard};
 
 use crate::backup::cow::DiskCow;
 use crate::error::{Error, Result};
-use crate::track::{Tracker, identity_of, mapfile::Identity};
+use crate::track::{Tracker, mapfile::Identity};
 
 #[derive(Debug)]
 pub struct LiveDisk {
@@ -31,6 +32,8 @@ pub struct LiveDisk {
     gate: RwLock<()>,
     tracker: Mutex<Tracker>,
     cow: DiskCow,
+    /// Set by `disk remove`: a handle the mount still holds must not write untracked.
+    removed: AtomicBool,
 }
 
 /// Open an image for tracked use, refusing what cannot be a disk.
@@ -64,6 +67,7 @@ impl LiveDisk {
             gate: RwLock::new(()),
             tracker: Mutex::new(tracker),
             cow: DiskCow::default(),
+            removed: AtomicBool::new(false),
         }
     }
 
@@ -117,6 +121,9 @@ impl LiveDisk {
             });
         }
         let _shared = self.gate.read();
+        if self.removed.load(Ordering::Acquire) {
+            return Err(Error::DiskRemoved(self.name.clone()));
+        }
         self.tracker.lock().before_write(off, len)?;
         self.cow
             .before_write(&self.file, self.size, self.block_size, off, len);
@@ -142,7 +149,24 @@ impl LiveDisk {
         self.file
             .sync_all()
             .map_err(Error::io("fsync", &self.image))?;
-        identity_of(&self.image)
+        self.identity()
+    }
+
+    /// The identity of the open image, not of its path: if the path was renamed over, the
+    /// next open sees another inode and knows tracking does not cover it.
+    fn identity(&self) -> Result<Identity> {
+        let m = self
+            .file
+            .metadata()
+            .map_err(Error::io("stat", &self.image))?;
+        Ok(Identity::of(&m))
+    }
+
+    /// Stop tracking for good: later writes through handles still open fail. Writers in
+    /// flight finish first.
+    pub fn mark_removed(&self) {
+        let _q = self.quiesce();
+        self.removed.store(true, Ordering::Release);
     }
 
     /// Flush tracking state (periodic or on demand); quiesces writers briefly.
@@ -153,7 +177,7 @@ impl LiveDisk {
     /// fsync pays no data flush every interval; points and clean stops still sync the image.
     pub fn flush(&self) -> Result<()> {
         let _q = self.quiesce();
-        let id = identity_of(&self.image)?;
+        let id = self.identity()?;
         self.tracker.lock().flush(id)
     }
 

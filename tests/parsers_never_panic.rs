@@ -3,6 +3,8 @@
 //! valid magic and checksum so the checks behind the checksums are reached.
 
 use proptest::prelude::*;
+use vmref::backup::index::{BlockIndex, INDEX_HEADER_LEN, INDEX_MAGIC};
+use vmref::backup::pack::{PACK_HEADER_LEN, PACK_MAGIC, PackId, check_header};
 use vmref::format::{self, DISK_RECORD, ENVELOPE_LEN, REF_RECORD, STORE_META, crc};
 use vmref::store::StoreMeta;
 use vmref::store::records::{DiskRecord, RefRecord};
@@ -85,5 +87,38 @@ proptest! {
                 prop_assert!(r < nregions && log.is_marked(r));
             }
         }
+    }
+
+    #[test]
+    fn block_index(data in prop::collection::vec(any::<u8>(), 0..400), fields in prop::collection::vec(any::<u64>(), 4), fix in any::<bool>()) {
+        let _ = BlockIndex::decode(&data);
+        let mut b = data.clone();
+        b.resize(b.len().max(INDEX_HEADER_LEN), 0);
+        b[..8].copy_from_slice(INDEX_MAGIC);
+        b[8..10].copy_from_slice(&1u16.to_le_bytes());
+        if fix {
+            // Plausible geometry, so the pack table and entries are reached.
+            b[12..16].copy_from_slice(&4096u32.to_le_bytes());
+            b[16..24].copy_from_slice(&(fields[0] % (1 << 20)).to_le_bytes());
+            b[24..32].copy_from_slice(&(fields[0] % (1 << 20)).div_ceil(4096).to_le_bytes());
+            b[32..40].copy_from_slice(&(fields[1] % 8).to_le_bytes());
+        }
+        let c = crc(&b[..60]);
+        b[60..64].copy_from_slice(&c.to_le_bytes());
+        if let Ok(ix) = BlockIndex::decode(&b) {
+            prop_assert_eq!(BlockIndex::decode(&ix.encode()).unwrap().nblocks(), ix.nblocks());
+        }
+    }
+
+    #[test]
+    fn pack_header(data in prop::collection::vec(any::<u8>(), 0..200)) {
+        let id = PackId([7; 16]);
+        let _ = check_header(&data, id, 65536);
+        let mut b = data.clone();
+        b.resize(b.len().max(PACK_HEADER_LEN), 0);
+        b[..8].copy_from_slice(PACK_MAGIC);
+        let c = crc(&b[..60]);
+        b[60..64].copy_from_slice(&c.to_le_bytes());
+        let _ = check_header(&b, id, 65536);
     }
 }

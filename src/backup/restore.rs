@@ -105,6 +105,19 @@ pub fn restore(
     if !force && std::fs::symlink_metadata(to).is_ok() {
         return Err(Error::Exists(to.to_path_buf()));
     }
+    // Renaming a restore over a live image would swap bytes under the tracker (and under a
+    // running VM): restore beside it, and replace it with the VM stopped, then re-add it.
+    if let Ok(target) = std::fs::canonicalize(to) {
+        for d in store.disks()? {
+            if std::fs::canonicalize(&d.image).is_ok_and(|img| img == target) {
+                return Err(Error::Refused(format!(
+                    "{} is the live image of disk {}; restore to another path",
+                    to.display(),
+                    d.name
+                )));
+            }
+        }
+    }
     let packs = Arc::new(PackCache::new(super::packs_dir(store), store.block_size()));
     let img = PointImage::open(store, packs, &rec, disk)?;
     let size = img.size();

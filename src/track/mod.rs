@@ -16,7 +16,7 @@ pub mod mapfile;
 mod powerloss;
 pub mod seqmap;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 use crate::store::Store;
@@ -46,6 +46,8 @@ pub struct Tracker {
     /// nothing, so a command that fails or only reads leaves the store's bytes as they were.
     committed: MapHeader,
     report: OpenReport,
+    map_path: PathBuf,
+    log_path: PathBuf,
 }
 
 fn fresh_header(block_size: u32, id: Identity, seq: u32, reason: &str) -> MapHeader {
@@ -87,6 +89,8 @@ impl Tracker {
             log,
             marked: Vec::new(),
             report,
+            map_path: store.map_path(name),
+            log_path: store.log_path(name),
         })
     }
 
@@ -180,6 +184,8 @@ impl Tracker {
             log,
             marked,
             report,
+            map_path: store.map_path(name),
+            log_path,
         };
         t.header.flags |= FLAG_OPEN;
         t.flush(id)?;
@@ -265,6 +271,7 @@ impl Tracker {
     /// Make the stamps durable and clear the log. The caller must have quiesced writers and
     /// synced the image, and passes the image's identity after that sync.
     pub fn flush(&mut self, id: Identity) -> Result<()> {
+        self.check_outside_write(id)?;
         self.header.identity = id;
         if self.marked.is_empty() && same_state(&self.header, &self.committed) {
             return Ok(());
@@ -279,9 +286,44 @@ impl Tracker {
         Ok(())
     }
 
+    /// Every tracked write since the last flush marked a region, so with no marks the image's
+    /// times can only have moved through a write that bypassed the mount: restart tracking at
+    /// the current number.
+    fn check_outside_write(&mut self, id: Identity) -> Result<()> {
+        let old = self.committed.identity;
+        if self.marked.is_empty() && (id.mtime_ns > old.mtime_ns || id.ctime_ns > old.ctime_ns) {
+            self.restart_in_place(id, "the image was modified outside the mount")?;
+        }
+        Ok(())
+    }
+
+    /// Restart tracking while running (see `open` for the same at start): forget every stamp,
+    /// and record that changes before the current number are unknown, and why.
+    fn restart_in_place(&mut self, id: Identity, reason: &str) -> Result<()> {
+        ::log::info!("disk {}: change tracking restarts: {reason}", self.name);
+        let mut header = fresh_header(self.header.block_size, id, self.header.current_seq, reason);
+        // The geometry stays that of the running disk; the identity keeps its size too, so a
+        // resize that came with the outside write is still found (and handled) at next open.
+        header.disk_size = self.header.disk_size;
+        header.nblocks = self.header.nblocks;
+        header.identity.size = self.header.disk_size;
+        header.flags = self.header.flags;
+        self.file = MapFile::create(&self.map_path, &header)?;
+        self.log = DirtyLog::create(&self.log_path, regions_for(header.nblocks))?;
+        self.map = SeqMap::new(header.nblocks);
+        self.marked.clear();
+        self.committed = header.clone();
+        self.header = header;
+        self.report.lost = Some(reason.to_string());
+        Ok(())
+    }
+
     /// Record a reference point: flush with the next number already in the header, then
     /// advance. Returns the number the point holds. Writers must be quiesced.
     pub fn advance(&mut self, id: Identity) -> Result<u32> {
+        // Before the number moves: a write that bypassed the mount happened before this point,
+        // so the point itself is where exact tracking starts again.
+        self.check_outside_write(id)?;
         let seq = self.header.current_seq;
         self.header.current_seq = seq + 1;
         // On failure nothing durable claims the new number; a later point simply skips it.
