@@ -4,7 +4,8 @@
 //! explicit flushes, a disk added part-way, clean close/reopen, and simulated crashes
 //! (`Engine::crash`: no flush, no close, as kill -9). The model keeps, for every point and
 //! disk, the blocks written since the point (`must`) and the blocks a crash may add
-//! (`may`: every block of a region written since that disk's last flush). After every step,
+//! (`may`: every block of a region still marked in the log: written since that disk's last
+//! flush, or in the interval that flush closed, whose marks it keeps). After every step,
 //! changes since every live point must satisfy `must ⊆ reported ⊆ must ∪ may`; with no crash
 //! since the point, `may` is empty and the answer is exact. At the end, the command line
 //! (`vmref changes --json`) must give the same answer as the library.
@@ -70,6 +71,8 @@ struct Model {
     points: Vec<PointModel>,
     /// Regions written since each disk's last flush.
     dirty: BTreeMap<String, BTreeSet<u64>>,
+    /// Regions whose log marks a flush kept (written in the interval it closed).
+    kept: BTreeMap<String, BTreeSet<u64>>,
     next_point: usize,
 }
 
@@ -86,13 +89,40 @@ impl Model {
             .extend(first / REGION_BLOCKS..=last / REGION_BLOCKS);
     }
 
-    fn flushed(&mut self) {
-        self.dirty.clear();
+    /// A flush of every disk (a point): each keeps the marks of the interval it closes.
+    fn flushed_all(&mut self) {
+        self.kept = std::mem::take(&mut self.dirty);
     }
 
-    /// A crash: every block of every region written since the last flush may show up.
-    fn crashed(&mut self) {
+    /// A periodic flush: only disks with something written since their last flush flush.
+    fn flushed_dirty(&mut self) {
         for (disk, regions) in std::mem::take(&mut self.dirty) {
+            if !regions.is_empty() {
+                self.kept.insert(disk, regions);
+            }
+        }
+    }
+
+    /// A clean close or an open: the log is empty afterwards.
+    fn closed(&mut self) {
+        self.dirty.clear();
+        self.kept.clear();
+    }
+
+    /// Regions marked in the log now: what a crash recovers.
+    fn logged(&self) -> BTreeMap<String, BTreeSet<u64>> {
+        let mut all = self.kept.clone();
+        for (d, r) in &self.dirty {
+            all.entry(d.clone()).or_default().extend(r);
+        }
+        all
+    }
+
+    /// A crash: every block of every region marked in the log may show up.
+    fn crashed(&mut self) {
+        let logged = self.logged();
+        self.closed();
+        for (disk, regions) in logged {
             let nblocks = self.disks[&disk].div_ceil(BS);
             let blocks: Vec<u64> = regions
                 .iter()
@@ -219,7 +249,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 let name = format!("p{}", model.next_point);
                 model.next_point += 1;
                 engine.ref_create(&name, None, RefState::Plain).unwrap();
-                model.flushed();
+                model.flushed_all();
                 model.points.push(PointModel {
                     name,
                     must: model
@@ -239,13 +269,13 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
             }
             Op::Flush => {
                 engine.flush_dirty().unwrap();
-                model.flushed();
+                model.flushed_dirty();
             }
             Op::Reopen => {
                 engine.close().unwrap();
                 drop(engine);
                 engine = open(&root);
-                model.flushed();
+                model.closed();
                 for d in engine.disks() {
                     let t = d.tracker();
                     prop_assert_eq!(t.report().recovered_regions, 0);
@@ -254,7 +284,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
             }
             Op::Crash => {
                 let dirty: BTreeMap<String, usize> = model
-                    .dirty
+                    .logged()
                     .iter()
                     .map(|(d, r)| (d.clone(), r.len()))
                     .collect();

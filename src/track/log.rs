@@ -143,17 +143,28 @@ impl DirtyLog {
 
     /// Clear every mark durably (after the map flush that covers them is durable).
     pub fn clear(&mut self) -> Result<()> {
+        self.retain_only(&[])
+    }
+
+    /// Clear every mark but those of `keep` durably (after the map flush that covers the
+    /// cleared ones is durable). Writes only the pages that change.
+    pub fn retain_only(&mut self, keep: &[u64]) -> Result<()> {
+        let mut next = vec![0u8; self.bits.len()];
+        for &r in keep {
+            if self.is_marked(r) {
+                next[(r / 8) as usize] |= 1 << (r % 8);
+            }
+        }
         let pages: Vec<u64> = (0..(self.bits.len() / PAGE) as u64)
             .filter(|p| {
-                self.bits[*p as usize * PAGE..(*p as usize + 1) * PAGE]
-                    .iter()
-                    .any(|&b| b != 0)
+                let (s, e) = (*p as usize * PAGE, (*p as usize + 1) * PAGE);
+                self.bits[s..e] != next[s..e]
             })
             .collect();
         if pages.is_empty() {
             return Ok(());
         }
-        self.bits.iter_mut().for_each(|b| *b = 0);
+        self.bits = next;
         self.write_pages(&pages)
     }
 

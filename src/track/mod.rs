@@ -40,8 +40,10 @@ pub struct Tracker {
     map: SeqMap,
     file: MapFile,
     log: DirtyLog,
-    /// Regions marked in the log since the last flush.
+    /// Regions written since the last flush (their map pages go out at the next one), and
+    /// the same as a bitmap for the write path.
     marked: Vec<u64>,
+    dirty: Vec<bool>,
     /// The header as last made durable: a flush with no marks and no header change writes
     /// nothing, so a command that fails or only reads leaves the store's bytes as they were.
     committed: MapHeader,
@@ -79,7 +81,8 @@ impl Tracker {
         report: OpenReport,
     ) -> Result<Tracker> {
         let file = MapFile::create(&store.map_path(name), &header)?;
-        let log = DirtyLog::create(&store.log_path(name), regions_for(header.nblocks))?;
+        let nregions = regions_for(header.nblocks);
+        let log = DirtyLog::create(&store.log_path(name), nregions)?;
         Ok(Tracker {
             name: name.to_string(),
             map: SeqMap::new(header.nblocks),
@@ -88,6 +91,7 @@ impl Tracker {
             file,
             log,
             marked: Vec::new(),
+            dirty: vec![false; nregions as usize],
             report,
             map_path: store.map_path(name),
             log_path: store.log_path(name),
@@ -182,6 +186,7 @@ impl Tracker {
             header,
             file: loaded.file,
             log,
+            dirty: vec![false; nregions as usize],
             marked,
             report,
             map_path: store.map_path(name),
@@ -189,6 +194,8 @@ impl Tracker {
         };
         t.header.flags |= FLAG_OPEN;
         t.flush(id)?;
+        // Recovered stamps are durable now: start with an empty log.
+        t.log.clear()?;
         Ok(t)
     }
 
@@ -256,20 +263,27 @@ impl Tracker {
         let bs = self.header.block_size as u64;
         let first = off / bs;
         let last = ((off + len - 1) / bs).min(self.header.nblocks - 1);
-        let new: Vec<u64> = (first / REGION_BLOCKS..=last / REGION_BLOCKS)
+        let regions = first / REGION_BLOCKS..=last / REGION_BLOCKS;
+        let new: Vec<u64> = regions
+            .clone()
             .filter(|r| !self.log.is_marked(*r))
             .collect();
         if !new.is_empty() {
             self.log.mark(&new)?;
-            self.marked.extend_from_slice(&new);
+        }
+        for r in regions {
+            if !self.dirty[r as usize] {
+                self.dirty[r as usize] = true;
+                self.marked.push(r);
+            }
         }
         self.map
             .stamp(first, last - first + 1, self.header.current_seq);
         Ok(())
     }
 
-    /// Make the stamps durable and clear the log. The caller must have quiesced writers and
-    /// synced the image, and passes the image's identity after that sync.
+    /// Make the stamps durable and age the log. The caller must have quiesced writers, and
+    /// passes the image's identity.
     pub fn flush(&mut self, id: Identity) -> Result<()> {
         self.check_outside_write(id)?;
         self.header.identity = id;
@@ -281,7 +295,13 @@ impl Tracker {
         self.file.write_regions(&self.map, &self.marked)?;
         self.file.commit_header(&self.header)?;
         self.committed = self.header.clone();
-        self.log.clear()?;
+        // Regions written in this interval keep their mark into the next one: a working set
+        // that stays busy then costs no log sync per interval. A region idle for a whole
+        // interval is cleared. After a crash this over-reports those regions, never less.
+        self.log.retain_only(&self.marked)?;
+        for &r in &self.marked {
+            self.dirty[r as usize] = false;
+        }
         self.marked.clear();
         Ok(())
     }
@@ -312,6 +332,7 @@ impl Tracker {
         self.log = DirtyLog::create(&self.log_path, regions_for(header.nblocks))?;
         self.map = SeqMap::new(header.nblocks);
         self.marked.clear();
+        self.dirty.iter_mut().for_each(|d| *d = false);
         self.committed = header.clone();
         self.header = header;
         self.report.lost = Some(reason.to_string());
@@ -334,7 +355,9 @@ impl Tracker {
     /// Clean stop: flush and clear the open flag.
     pub fn close(&mut self, id: Identity) -> Result<()> {
         self.header.flags &= !FLAG_OPEN;
-        self.flush(id)
+        self.flush(id)?;
+        // A clean stop leaves nothing to recover: changes stay exact across it.
+        self.log.clear()
     }
 
     /// Blocks changed since a point that holds `since` for this disk.
