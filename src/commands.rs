@@ -178,6 +178,17 @@ fn run_to(cli: Cli, out: &mut impl Write) -> Result<()> {
         }
         Command::Ref(RefCmd::Delete { name }) => {
             let s = Store::open(&root)?;
+            // A damaged record stops the engine from opening at all (it cannot know which
+            // numbers the point held), so it is removed directly, under the store lock; its
+            // backup data, if any, is collected at the next open.
+            if let Err(Error::Format { .. }) = s.read_ref(&name) {
+                let _lock = crate::store::lock::StoreLock::try_acquire(s.root())?;
+                s.remove_ref_record(&name)?;
+                return emit(
+                    out,
+                    format!("deleted damaged reference point record {name}"),
+                );
+            }
             control::run(&s, &Request::RefDelete { name: name.clone() })?;
             emit(out, format!("deleted reference point {name}"))
         }
