@@ -249,16 +249,10 @@ pub fn run(store: &Store, req: &Request) -> Result<Value> {
 /// # Errors
 /// As `run`.
 pub fn run_with(store: &Store, req: &Request, progress: &dyn Progress) -> Result<Value> {
-    match Engine::open(store.clone()) {
-        Ok(engine) => {
-            let v = serde_json::from_str(execute_with(&engine, req, progress)?.get())
-                .expect("a reply parses");
-            engine.close()?;
-            Ok(v)
-        }
-        Err(Error::Locked(_)) => call(store, req),
-        Err(e) => Err(e),
-    }
+    run_typed(store, req, |engine| {
+        let raw = execute_with(engine, req, progress)?;
+        Ok(serde_json::from_str(raw.get()).expect("a reply parses"))
+    })
 }
 
 /// Serve requests on the control socket until the listener is closed. One thread per
