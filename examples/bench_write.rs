@@ -1,4 +1,4 @@
-//! Helper for bench/backup.sh: make a sparse test image, plan random writes, and apply a plan
+//! Helper for bench/run.sh: make a sparse test image, plan random writes, and apply a plan
 //! through the library (as the mount would: tracked, not an outside write).
 //!
 //! ```text
