@@ -3,9 +3,7 @@
 
 mod common;
 
-use std::os::unix::fs::FileExt;
-
-use common::{BS, Env, Rng, assert_same};
+use common::{BS, Env, Rng, assert_same, flip};
 use vmref::image::PointSource;
 
 fn setup() -> (Env, Vec<u8>) {
@@ -18,18 +16,6 @@ fn setup() -> (Env, Vec<u8>) {
     e.write(&[(3 * BS as u64, vec![7u8; BS])]);
     e.ok(&["backup", "b"]);
     (e, at_a)
-}
-
-fn flip(path: &std::path::Path, off: u64) {
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .unwrap();
-    let mut b = [0u8; 1];
-    f.read_exact_at(&mut b, off).unwrap();
-    b[0] ^= 0x40;
-    f.write_all_at(&b, off).unwrap();
 }
 
 #[test]

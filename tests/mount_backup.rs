@@ -475,14 +475,6 @@ fn concurrent_readers_while_the_vm_writes_and_a_backup_runs() {
     eprintln!("{} concurrent reads checked", reads.load(Ordering::Relaxed));
 }
 
-fn flip(path: &Path, off: u64) {
-    let f = open_rw(path);
-    let mut b = [0u8; 1];
-    f.read_exact_at(&mut b, off).unwrap();
-    b[0] ^= 0x20;
-    f.write_all_at(&b, off).unwrap();
-}
-
 #[test]
 fn a_damaged_stored_block_reads_as_eio_and_verify_names_it() {
     if !fuse_ok("a_damaged_stored_block_reads_as_eio_and_verify_names_it") {

@@ -194,18 +194,6 @@ fn track_file(s: &Setup, ext: &str) -> std::path::PathBuf {
     s.store.join("track").join(format!("disk0.{ext}"))
 }
 
-fn flip(path: &Path, off: u64) {
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .unwrap();
-    let mut b = [0u8; 1];
-    f.read_exact_at(&mut b, off).unwrap();
-    b[0] ^= 0x5a;
-    f.write_all_at(&b, off).unwrap();
-}
-
 #[test]
 fn deleted_or_damaged_tracking_files_are_detected() {
     type Harm = fn(&Setup);

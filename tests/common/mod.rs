@@ -361,3 +361,16 @@ pub fn changed_extents(v: &serde_json::Value) -> Vec<(u64, u64)> {
         .map(|e| (e["offset"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
         .collect()
 }
+
+/// Damage one byte of a store file in place (flip some of its bits).
+pub fn flip(path: &Path, off: u64) {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, off).unwrap();
+    b[0] ^= 0x5a;
+    f.write_all_at(&b, off).unwrap();
+}
