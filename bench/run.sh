@@ -276,8 +276,8 @@ for job in "write 1M 0" "write 1M 1" "randwrite 4k 0" "randwrite 4k 1" "read 1M 
 done
 
 # ---------- 1 TiB sparse disk: point creation, changes, memory ----------
-daemon_pid() { # STORE -> pid of the vmref daemon serving it
-    ps -eo pid=,args= | awk -v s="--store $1 mount" 'index($0, s) { print $1; exit }'
+daemon_pid() { # STORE -> pid of the vmref daemon serving it (it holds the store lock)
+    head -n 1 "$1/lock"
 }
 big_store() { # NAME SIZE -> a store with one sparse disk, a point p0 before 1 % of its blocks changed
     local s=$WORK/$1 size=$2
