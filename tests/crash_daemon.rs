@@ -37,29 +37,13 @@ fn env_u64(name: &str) -> Option<u64> {
 
 /// A store with 4 KiB blocks (16 regions on the disk) and data in a quarter of the image.
 fn setup(rng: &mut Rng) -> (Setup, PathBuf) {
-    let dir = tempfile::tempdir().unwrap();
-    let store = dir.path().join("store");
-    let image = dir.path().join("disk0.raw");
-    let mnt = dir.path().join("mnt");
-    std::fs::create_dir(&mnt).unwrap();
-    let f = std::fs::File::create(&image).unwrap();
-    f.set_len(SIZE).unwrap();
-    let mut data = vec![0u8; 16 * MIB as usize];
-    rng.fill(&mut data);
-    std::os::unix::fs::FileExt::write_all_at(&f, &data, 8 * MIB).unwrap();
-    drop(f);
+    let mut initial = vec![0u8; SIZE as usize];
+    rng.fill(&mut initial[8 * MIB as usize..24 * MIB as usize]);
+    let s = Setup::with_block_size(&initial, Some("4K"));
     // Flush tracking every second, so kills also land after flushes, where the exact
     // stamps (not the whole-region marks) must cover what was written before.
-    let config = dir.path().join("config.toml");
+    let config = s.dir.path().join("config.toml");
     std::fs::write(&config, "flush_interval_secs = 1\n").unwrap();
-    let s = Setup {
-        dir,
-        store,
-        image,
-        mnt,
-    };
-    s.ok(&["init", "--block-size", "4K"]);
-    s.ok(&["disk", "add", "disk0", s.image.to_str().unwrap()]);
     (s, config)
 }
 

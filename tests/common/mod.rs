@@ -81,6 +81,12 @@ pub struct Setup {
 
 impl Setup {
     pub fn new(initial: &[u8]) -> Setup {
+        Setup::with_block_size(initial, None)
+    }
+
+    /// A store with `block_size` (`init --block-size`, default when None) and one disk0 holding
+    /// `initial`.
+    pub fn with_block_size(initial: &[u8], block_size: Option<&str>) -> Setup {
         let dir = tempfile::tempdir().unwrap();
         let store = dir.path().join("store");
         let image = dir.path().join("disk0.raw");
@@ -101,7 +107,10 @@ impl Setup {
             image,
             mnt,
         };
-        s.ok(&["init"]);
+        match block_size {
+            Some(bs) => s.ok(&["init", "--block-size", bs]),
+            None => s.ok(&["init"]),
+        };
         s.ok(&["disk", "add", "disk0", s.image.to_str().unwrap()]);
         s
     }
