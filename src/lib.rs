@@ -14,6 +14,7 @@ pub mod fs;
 pub mod image;
 pub mod live;
 pub mod names;
+pub mod repo;
 pub mod store;
 pub mod sys;
 pub mod track;
