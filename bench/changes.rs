@@ -1,4 +1,4 @@
-//! Change-tracking benchmark (issue 2): `changes` on a 1 TiB sparse disk with 1 % of its
+//! Change-tracking benchmark: `changes` on a 1 TiB sparse disk with 1 % of its
 //! blocks changed at random, reference point creation latency on 1 GiB and 1 TiB sparse
 //! disks, and tracker memory. Prints a markdown table with the target beside each figure.
 //!

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# bench/run.sh [--quick]: every row of issue 6 in one run, each figure beside the baseline a
+# bench/run.sh [--quick]: every benchmark row in one run, each figure beside the baseline a
 # user would otherwise pick, measured in this same run, with its ratio and target. Prints one
 # markdown table and writes it to bench/results/latest.md (--quick: bench/results/quick.md).
 #

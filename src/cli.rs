@@ -1,4 +1,4 @@
-//! Command-line definitions (clap derive). The contract is in DESIGN.md and man/vmref.1.
+//! Command-line definitions (clap derive). The contract is in docs/design.md and man/vmref.1.
 
 use std::path::PathBuf;
 

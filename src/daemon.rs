@@ -299,7 +299,7 @@ pub fn fuse_config(allow_other: bool) -> Config {
         SessionACL::Owner
     };
     // Two workers with their own /dev/fuse clones: several readers (or a reader beside the
-    // VM's writes) proceed in parallel; PERF-NOTES measured +34 % on random reads.
+    // VM's writes) proceed in parallel: +34 % on random reads (docs/performance.md).
     config.n_threads = Some(2);
     config.clone_fd = true;
     config

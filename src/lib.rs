@@ -1,5 +1,6 @@
 //! vmref: resilient change tracking, reference points and point-in-time images for raw VM
-//! disks on Linux. See DESIGN.md for the concepts and the six invariants.
+//! disks on Linux. See docs/design.md for the concepts and the eight invariants; every
+//! "invariant N" in the code refers to its numbering there.
 
 pub mod backup;
 pub mod cli;

@@ -1,4 +1,4 @@
-//! The command line of the foundation (issue 2), driven through the built binary in temp
+//! The basic commands of the command line, driven through the built binary in temp
 //! dirs: init, store lookup, disks, reference points, changes, status, and every bad input,
 //! which must fail with a non-zero exit, exactly one line on stderr, and the store unchanged.
 //!

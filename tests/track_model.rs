@@ -1,4 +1,4 @@
-//! Property test of change tracking against a model (issue 2, invariant 2).
+//! Property test of change tracking against a model (invariant 2 in docs/design.md).
 //!
 //! Random sequences of tracked writes (`LiveDisk::write_at`), point creations and deletions,
 //! explicit flushes, a disk added part-way, clean close/reopen, and simulated crashes

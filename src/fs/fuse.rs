@@ -5,7 +5,7 @@
 //! Caching: point images never change, so they are opened with FOPEN_KEEP_CACHE and re-reads
 //! come from the page cache. Live disks are opened with FOPEN_DIRECT_IO: every write must
 //! reach the tracker before it is acknowledged anyway, a VM keeps its own cache, and direct
-//! requests are the fastest daemon-served path measured on this machine (PERF-NOTES.md).
+//! requests are the fastest daemon-served path measured on this machine (docs/performance.md).
 //! Root entries have a zero TTL so points appear and vanish without a remount.
 
 use std::cell::RefCell;
