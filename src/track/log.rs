@@ -1,8 +1,10 @@
 //! The durable dirty-region log (`STORE/track/NAME.log`): one bit per region of the map.
 //! Before the first write to a region since the last flush is acknowledged, its bit is written
 //! and fdatasync'ed (write-through), so after any crash every region written since the last
-//! flush is known. A flush of the map clears the bits. Bits only go from 0 to 1 between
-//! clears, so a torn bitmap write can lose only the bit of a write not yet acknowledged.
+//! flush is known. A flush of the map clears the bits of regions not written in the interval
+//! it flushed (a busy region stays marked, so it pays no new sync per interval); a clean stop
+//! clears them all. Bits only go from 0 to 1 between clears, so a torn bitmap write can lose
+//! only the bit of a write not yet acknowledged.
 //!
 //! Layout: `0 magic "VMREFLOG" | 8 major u16 | 10 minor u16 | 16 nregions u64 | 4092 crc u32`,
 //! then the bitmap from offset 4096, padded to 4 KiB.
