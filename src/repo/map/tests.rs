@@ -458,3 +458,21 @@ fn map_root_round_trips_through_json() {
     assert_eq!(serde_json::from_str::<MapRoot>(&j).unwrap(), m);
     assert!(serde_json::from_str::<MapRoot>(r#"{"root":"00","nblocks":1}"#).is_err());
 }
+
+/// The most one changed block can cost on a 1 TiB disk: a full leaf under a full level-1
+/// node under a root with all 16 entries (64 GiB of data under that level-1 node).
+#[test]
+fn one_change_worst_case_on_a_full_subtree() {
+    let store = Counting::default();
+    let n = 1u64 << 24;
+    let full = (0..1u64 << 20).map(|b| (b, h(b)));
+    let others = (1..16u64).map(|i| (i << 20, h(i << 20)));
+    let base = build(&store, n, full.chain(others)).unwrap();
+    store.reset();
+    update(&store, &base, [(12345, h(1 << 40))]).unwrap();
+    let (gets, puts, bytes) = store.counts();
+    eprintln!("1 change under a full level-1 node: {gets} gets, {puts} puts, {bytes} bytes");
+    assert_eq!((gets, puts), (3, 3));
+    let full_node = (node::HEADER_LEN + FANOUT * 32) as u64;
+    assert_eq!(bytes, 2 * full_node + (node::HEADER_LEN + 16 * 32) as u64);
+}
