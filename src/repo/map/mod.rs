@@ -268,6 +268,23 @@ pub fn update<S: BlobStore + ?Sized>(
     base: &MapRoot,
     changes: impl IntoIterator<Item = (u64, Hash)>,
 ) -> Result<MapRoot> {
+    let nblocks = base.nblocks;
+    let load = |h: &Hash, level: u8, start: u64| {
+        fetch(store, h, level, start, nblocks).map(|n| n.entries.into_vec())
+    };
+    update_with(store, base, changes, &load)
+}
+
+/// Base nodes of an update: a node's entries by hash, level and first block, checked.
+type Load<'a> = dyn Fn(&Hash, u8, u64) -> Result<Vec<Hash>> + 'a;
+
+/// `update`, reading base nodes with `load` (straight from the store, or through a cache).
+fn update_with<S: BlobStore + ?Sized>(
+    store: &S,
+    base: &MapRoot,
+    changes: impl IntoIterator<Item = (u64, Hash)>,
+    load: &Load<'_>,
+) -> Result<MapRoot> {
     let mut changes = Checked {
         inner: changes.into_iter().peekable(),
         last: None,
@@ -277,7 +294,7 @@ pub fn update<S: BlobStore + ?Sized>(
         return Ok(*base);
     }
     let top = base.root_level();
-    let root = update_node(store, base.root, top, 0, base.nblocks, &mut changes)?;
+    let root = update_node(store, load, base.root, top, 0, &mut changes)?;
     // The root covers every block below nblocks, so every change was consumed or refused.
     debug_assert!(changes.inner.peek().is_none());
     Ok(MapRoot {
@@ -323,19 +340,17 @@ impl<I: Iterator<Item = (u64, Hash)>> Checked<I> {
 /// hash is `base` (`Hash::ZERO`: all holes, nothing to read), return its new hash.
 fn update_node<S: BlobStore + ?Sized, I: Iterator<Item = (u64, Hash)>>(
     store: &S,
+    load: &Load<'_>,
     base: Hash,
     level: u8,
     start: u64,
-    nblocks: u64,
     changes: &mut Checked<I>,
 ) -> Result<Hash> {
     let end = start as u128 + span(level);
     let mut entries: Vec<Hash> = if base.is_zero() {
         Vec::new()
     } else {
-        fetch(store, &base, level, start, nblocks)?
-            .entries
-            .into_vec()
+        load(&base, level, start)?
     };
     if level == 0 {
         while let Some((block, hash)) = changes.next_before(end)? {
@@ -354,7 +369,7 @@ fn update_node<S: BlobStore + ?Sized, I: Iterator<Item = (u64, Hash)>>(
             let i = index(level, block);
             let child_start = start + i as u64 * child_span;
             let old = entries.get(i).copied().unwrap_or(Hash::ZERO);
-            let new = update_node(store, old, level - 1, child_start, nblocks, changes)?;
+            let new = update_node(store, load, old, level - 1, child_start, changes)?;
             if entries.len() <= i {
                 entries.resize(i + 1, Hash::ZERO);
             }

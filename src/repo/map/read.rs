@@ -9,7 +9,7 @@ use lru::LruCache;
 use parking_lot::Mutex;
 
 use super::node::Node;
-use super::{MapRoot, check_place, entry_span, fetch, index, misuse};
+use super::{MapRoot, check_place, entry_span, fetch, index, misuse, update_with};
 use crate::error::Result;
 use crate::repo::{BlobStore, Hash};
 
@@ -130,6 +130,23 @@ impl<S: BlobStore + ?Sized> MapReader<S> {
         let n = Arc::new(fetch(&*self.store, hash, level, start, nblocks)?);
         self.cache.insert(*hash, n.clone());
         Ok(n)
+    }
+
+    /// `update` of `base`, reading its nodes through the cache: a daemon making incrementals
+    /// of a disk whose last point it serves finds the paths it rewrites already cached.
+    ///
+    /// # Errors
+    /// As `update`.
+    pub fn update(
+        &self,
+        base: &MapRoot,
+        changes: impl IntoIterator<Item = (u64, Hash)>,
+    ) -> Result<MapRoot> {
+        let load = |h: &Hash, level: u8, start: u64| {
+            self.node(h, level, start, base.nblocks)
+                .map(|n| n.entries.to_vec())
+        };
+        update_with(&*self.store, base, changes, &load)
     }
 
     /// The hash of `block`'s data, `Hash::ZERO` for a hole: at most `map.levels()` node reads.

@@ -159,9 +159,14 @@ proptest! {
         prop_assert_eq!(update(&*store, &MapRoot::empty(nblocks), steps[0].clone()).unwrap(), first);
         check(&r, &first, &model, &probes);
         let mut versions = vec![(first, model.clone())];
-        for changes in &steps[1..] {
+        for (i, changes) in steps[1..].iter().enumerate() {
             let (prev, prev_model) = versions.last().unwrap().clone();
-            let next = update(&*store, &prev, changes.iter().copied()).unwrap();
+            // Both ways of updating: straight from the store and through the cache.
+            let next = if i % 2 == 0 {
+                update(&*store, &prev, changes.iter().copied()).unwrap()
+            } else {
+                r.update(&prev, changes.iter().copied()).unwrap()
+            };
             apply(&mut model, changes);
             let probes: Vec<u64> = probes.iter().copied()
                 .chain(changes.iter().map(|c| c.0)).collect();
