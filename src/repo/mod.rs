@@ -19,6 +19,8 @@ use parking_lot::RwLock;
 use crate::error::{Error, Result};
 use crate::format::FormatError;
 
+pub mod map;
+
 /// The BLAKE3 hash of a blob's uncompressed bytes: its name and its checksum.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Hash(pub [u8; 32]);
