@@ -34,6 +34,24 @@ pub fn fuse_ok(test: &str) -> bool {
     false
 }
 
+/// The seed of a randomised test. `VMREF_TEST_SEED=N` replays a run (a failure prints its
+/// seed); without it the seed comes from the clock, so every run tries new inputs. Printed
+/// either way, and shown by `cargo test` when the test fails.
+pub fn test_seed(test: &str) -> u64 {
+    let seed = match std::env::var("VMREF_TEST_SEED") {
+        Ok(v) => v
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("VMREF_TEST_SEED={v:?} is not a number")),
+        Err(_) => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64,
+    };
+    eprintln!("{test}: seed {seed} (replay with VMREF_TEST_SEED={seed})");
+    seed
+}
+
 /// Run a program under `timeout`.
 pub fn run(prog: &str, args: &[&str]) -> Output {
     Command::new("timeout")
