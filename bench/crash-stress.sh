@@ -30,7 +30,7 @@ while [ $((pass + fail)) -lt "$N" ]; do
     [ "$n" -gt "$BATCH" ] && n=$BATCH
     seed=$(od -An -N8 -tu8 /dev/urandom | tr -d ' ')
     log="$logs/batch-$batch.log"
-    if VMREF_REQUIRE_FUSE=1 VMREF_CRASH_TRIALS=$n VMREF_CRASH_SEED=$seed \
+    if VMREF_REQUIRE_FUSE=1 VMREF_CRASH_TRIALS=$n VMREF_TEST_SEED=$seed \
         "$bin" kill_9_under_heavy_writes_misses_no_change --exact --nocapture >"$log" 2>&1; then
         ok=1
     else

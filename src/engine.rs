@@ -275,7 +275,7 @@ impl Engine {
         }
         let rec = RefRecord {
             name: name.to_string(),
-            id: random_id(),
+            id: random_id()?,
             serial,
             created_unix: now_unix(),
             owner: owner.map(str::to_string),

@@ -1,11 +1,12 @@
 //! Library-level: the VM keeps writing through `LiveDisk::write_at` while a backup runs or a
 //! checkpoint is read; the backup and the checkpoint image must hold the bytes of the
-//! checkpoint moment exactly.
+//! checkpoint moment exactly, and that moment must lie inside the backup's run, with writes
+//! done before it and after it.
 
 mod common;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use common::{BS, Env, Rng, assert_same};
 use vmref::backup::NoProgress;
@@ -57,20 +58,35 @@ fn cut_of(initial: &[u8], image: &[u8], total: u64) -> u64 {
     panic!("the image matches no prefix of the writes: torn or mixed");
 }
 
+/// Do writes `0, 1, …` until `stop`; `done` counts the writes that have returned.
 fn writer(
     disk: Arc<vmref::live::LiveDisk>,
     stop: Arc<AtomicBool>,
-    max: u64,
+    done: Arc<AtomicU64>,
 ) -> std::thread::JoinHandle<u64> {
     std::thread::spawn(move || {
         let mut i = 0;
-        while !stop.load(Ordering::Relaxed) && i < max {
+        while !stop.load(Ordering::Relaxed) {
             let (off, d) = write_of(i);
             disk.write_at(&d, off).unwrap();
             i += 1;
+            done.store(i, Ordering::Release);
         }
         i
     })
+}
+
+/// Wait until the writer has done at least `n` writes.
+fn wait_for_writes(done: &AtomicU64, n: u64) {
+    let start = std::time::Instant::now();
+    while done.load(Ordering::Acquire) < n {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(30),
+            "the writer is stuck at {} writes",
+            done.load(Ordering::Acquire)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
 }
 
 #[test]
@@ -83,13 +99,21 @@ fn backup_during_writes_is_exact_at_the_checkpoint() {
     let engine = Engine::open(Store::open(&e.store).unwrap()).unwrap();
     let disk = engine.disk("disk0").unwrap();
     let stop = Arc::new(AtomicBool::new(false));
-    // The slow part of a small writer run: keep it bounded so the cut search stays cheap.
-    let w = writer(disk.clone(), stop.clone(), 20_000);
-    std::thread::sleep(std::time::Duration::from_millis(5));
+    let done = Arc::new(AtomicU64::new(0));
+    let w = writer(disk.clone(), stop.clone(), done.clone());
+    // Writes before each checkpoint, during each backup and after the last one. `done` read
+    // before a backup counts writes that must be in it; read after it returns, writes that may
+    // be (the one in flight then may have started before the checkpoint, so `+ 1`).
+    wait_for_writes(&done, 500);
+    let full_lo = done.load(Ordering::Acquire);
     let full = vmref::backup::run::backup(&engine, "full", false, None, &NoProgress).unwrap();
+    let full_hi = done.load(Ordering::Acquire) + 1;
     assert_eq!(full.point.backup.as_ref().unwrap().kind, "full");
+    let inc_lo = done.load(Ordering::Acquire);
     let inc = vmref::backup::run::backup(&engine, "inc", false, None, &NoProgress).unwrap();
+    let inc_hi = done.load(Ordering::Acquire) + 1;
     assert_eq!(inc.point.backup.as_ref().unwrap().kind, "incremental");
+    wait_for_writes(&done, inc_hi + 500);
     stop.store(true, Ordering::Relaxed);
     let total = w.join().unwrap();
 
@@ -102,8 +126,24 @@ fn backup_during_writes_is_exact_at_the_checkpoint() {
     let (a, b) = (read("full"), read("inc"));
     let ca = cut_of(&initial, &a, total);
     let cb = cut_of(&initial, &b, total);
-    eprintln!("cuts: full {ca}, inc {cb} of {total} writes");
-    assert!(ca <= cb, "points in order: {ca} <= {cb}");
+    eprintln!(
+        "cuts: full {ca} (in {full_lo}..={full_hi}), inc {cb} (in {inc_lo}..={inc_hi}) of {total} writes"
+    );
+    // Each checkpoint fell inside its own backup's run: not a copy of an earlier moment, not
+    // one taken after the backup returned.
+    assert!(
+        (full_lo..=full_hi).contains(&ca),
+        "full backup's cut {ca} outside its run {full_lo}..={full_hi}"
+    );
+    assert!(
+        (inc_lo..=inc_hi).contains(&cb),
+        "incremental backup's cut {cb} outside its run {inc_lo}..={inc_hi}"
+    );
+    // So the cuts are in the middle of the writes: some before the first, some after the last.
+    assert!(
+        0 < ca && ca <= cb && cb < total,
+        "cuts {ca}, {cb} not inside 0..{total}"
+    );
     assert_same("full", &a, &model_after(&initial, ca));
     assert_same("inc", &b, &model_after(&initial, cb));
     engine.close().unwrap();
@@ -134,7 +174,7 @@ fn checkpoint_image_stays_exact_under_writes_and_readers() {
     assert_eq!(points[0].name, "cp");
     let id = points[0].id.clone();
     let stop = Arc::new(AtomicBool::new(false));
-    let w = writer(disk.clone(), stop.clone(), u64::MAX);
+    let w = writer(disk.clone(), stop.clone(), Arc::new(AtomicU64::new(0)));
     let readers: Vec<_> = (0..2)
         .map(|t| {
             let engine = engine.clone();

@@ -11,8 +11,8 @@
 //! - an incremental `backup` since the previous trial's backup restores to exactly the
 //!   image's bytes; the next trial's fresh mount serves the same bytes as `MNT/B/disk0.img`.
 //!
-//! `VMREF_CRASH_TRIALS` (default 20) and `VMREF_CRASH_SEED` change the run;
-//! `bench/crash-stress.sh` runs many.
+//! `VMREF_CRASH_TRIALS` (default 20) and `VMREF_TEST_SEED` (replays the writes; the kill
+//! moments still vary) change the run; `bench/crash-stress.sh` runs many.
 
 mod common;
 
@@ -283,15 +283,10 @@ fn kill_9_under_heavy_writes_misses_no_change() {
     if !fuse_ok("kill_9_under_heavy_writes_misses_no_change") {
         return;
     }
-    let seed = env_u64("VMREF_CRASH_SEED").unwrap_or_else(|| {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos() as u64
-    }) | 1;
+    // Replays the writes; the kill moments are wall-clock delays and still vary.
+    let seed = test_seed("kill_9_under_heavy_writes_misses_no_change");
     let trials = env_u64("VMREF_CRASH_TRIALS").unwrap_or(20) as usize;
-    eprintln!("seed {seed} (VMREF_CRASH_SEED replays the writes; kill moments vary)");
-    let mut rng = Rng(seed);
+    let mut rng = Rng(seed | 1);
     let t0 = Instant::now();
     let (s, config) = setup(&mut rng);
     s.ok(&["backup", "base"]);

@@ -43,13 +43,10 @@ const WRITE_BATCH: usize = 4 << 20;
 pub struct PackId(pub [u8; 16]);
 
 impl PackId {
-    pub fn random() -> PackId {
-        let hex = crate::store::random_id();
-        let mut b = [0u8; 16];
-        for (i, x) in b.iter_mut().enumerate() {
-            *x = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap_or(0);
-        }
-        PackId(b)
+    /// # Errors
+    /// As `store::random_bytes`.
+    pub fn random() -> Result<PackId> {
+        crate::store::random_bytes().map(PackId)
     }
 
     pub fn parse(hex: &str) -> Option<PackId> {
@@ -146,7 +143,7 @@ impl PackWriter {
     /// # Errors
     /// Failure to create the temp file or write the header.
     pub fn create(dir: &Path, block_size: u32) -> Result<PackWriter> {
-        let id = PackId::random();
+        let id = PackId::random()?;
         let tmp = TempFile::new(&pack_path(dir, id))?;
         let header = encode_header(id, block_size);
         Ok(PackWriter {
@@ -302,7 +299,7 @@ mod tests {
 
     #[test]
     fn header_round_trip_and_damage() {
-        let id = PackId::random();
+        let id = PackId::random().unwrap();
         let h = encode_header(id, 65536);
         assert_eq!(h.len(), PACK_DATA_OFFSET as usize);
         check_header(&h, id, 65536).unwrap();
@@ -320,7 +317,7 @@ mod tests {
 
     #[test]
     fn ids_print_and_parse() {
-        let id = PackId::random();
+        let id = PackId::random().unwrap();
         assert_eq!(PackId::parse(&id.to_string()), Some(id));
         assert_eq!(PackId::parse("xyz"), None);
     }

@@ -64,13 +64,23 @@ pub fn parse_block_size(s: &str) -> Result<u32> {
     Ok(v as u32)
 }
 
-pub fn random_id() -> String {
+/// 16 bytes from the kernel's random source (getrandom(2)), for store, point and pack ids.
+///
+/// # Errors
+/// `Error::Io` when the kernel gives none: an id must never silently become all zeros.
+pub fn random_bytes() -> Result<[u8; 16]> {
     let mut b = [0u8; 16];
-    if let Ok(mut f) = fs::File::open("/dev/urandom") {
-        use std::io::Read;
-        let _ = f.read_exact(&mut b);
-    }
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    getrandom::fill(&mut b)
+        .map_err(|e| Error::io("read random bytes from", "the kernel (getrandom)")(e.into()))?;
+    Ok(b)
+}
+
+/// A new random id: 16 random bytes in lowercase hex.
+///
+/// # Errors
+/// As `random_bytes`.
+pub fn random_id() -> Result<String> {
+    Ok(random_bytes()?.iter().map(|x| format!("{x:02x}")).collect())
 }
 
 pub fn now_unix() -> u64 {
@@ -108,7 +118,7 @@ impl Store {
             mkdir_private(&root.join(d))?;
         }
         let meta = StoreMeta {
-            id: random_id(),
+            id: random_id()?,
             block_size,
             created_unix: now_unix(),
         };

@@ -186,7 +186,7 @@ mod tests {
             );
             s.write_ref(&RefRecord {
                 name: n.to_string(),
-                id: crate::store::random_id(),
+                id: crate::store::random_id().unwrap(),
                 serial: i as u64 + 1,
                 created_unix: 5,
                 owner: Some("veeam".into()),

@@ -22,7 +22,8 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_vmref");
 /// Any client command that takes longer than this is hung; `timeout` kills it.
 pub const CMD_TIMEOUT: &str = "60";
 
-/// Whether FUSE tests can run here. Prints why not; panics when FUSE is required.
+/// Whether FUSE tests can run here. Panics when FUSE is required but missing; otherwise
+/// prints `SKIP: <test>: /dev/fuse missing`, the line `test.sh` counts as a skipped test.
 pub fn fuse_ok(test: &str) -> bool {
     if Path::new("/dev/fuse").exists() {
         return true;
@@ -30,8 +31,30 @@ pub fn fuse_ok(test: &str) -> bool {
     if std::env::var("VMREF_REQUIRE_FUSE").as_deref() == Ok("1") {
         panic!("{test}: /dev/fuse is missing and VMREF_REQUIRE_FUSE=1");
     }
-    eprintln!("skipping {test}: /dev/fuse is missing (set VMREF_REQUIRE_FUSE=1 to fail instead)");
+    // Written to the process's stderr, not with eprintln!: the test harness keeps what a
+    // passing test prints with eprintln! to itself, and a skip must show in every run.
+    let line =
+        format!("SKIP: {test}: /dev/fuse missing (set VMREF_REQUIRE_FUSE=1 to fail instead)\n");
+    let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
     false
+}
+
+/// The seed of a randomised test. `VMREF_TEST_SEED=N` replays a run (a failure prints its
+/// seed); without it the seed comes from the clock, so every run tries new inputs. Printed
+/// either way, and shown by `cargo test` when the test fails.
+pub fn test_seed(test: &str) -> u64 {
+    let seed = match std::env::var("VMREF_TEST_SEED") {
+        Ok(v) => v
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("VMREF_TEST_SEED={v:?} is not a number")),
+        Err(_) => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64,
+    };
+    eprintln!("{test}: seed {seed} (replay with VMREF_TEST_SEED={seed})");
+    seed
 }
 
 /// Run a program under `timeout`.
