@@ -563,7 +563,7 @@ def tgt_text(tgt, unit):
 print(f"# vmref benchmarks{' (--quick: proves the benchmark runs; figures are not judged)' if quick else ''}")
 print()
 print(f"{cores} cores, kernel {kernel}; data disk {int(disk)>>20} MiB, sparse disk {int(big)>>30} GiB; "
-      f"space: ext4 image {int(space_disk)>>20} MiB of {int(space_files)>>20} MiB of files; "
+      f"space: ext4 image {int(space_disk)>>20} MiB holding up to {int(space_files)>>20} MiB of files; "
       f"scale: {int(scale_big)>>30} GiB and 1 GiB sparse disks; "
       f"medians of {reps} (cold restores: 1); fio psync QD1, {runtime} s per timed job.")
 print()
