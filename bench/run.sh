@@ -375,9 +375,15 @@ mkdir -p "$SP/files" "$SP/mnt" "$OUT/space"
 log "space: a $((SPACE_DISK >> 20)) MiB ext4 image of $((SPACE_FILES >> 20)) MiB of this machine's files"
 # Regular files of /usr/bin, /usr/share, then /usr/lib, each in name order, skipping any that
 # would take the total past SPACE_FILES.
+: > "$SP/files.list"
+left=$SPACE_FILES
 for d in /usr/bin /usr/share /usr/lib; do
-    find "$d" -xdev -type f -printf '%s %p\n' 2>/dev/null | LC_ALL=C sort -k2
-done | awk -v cap="$SPACE_FILES" 't + $1 > cap { next } { t += $1; print substr($0, length($1) + 2) }' > "$SP/files.list"
+    [ "$left" -ge $((1 << 20)) ] || break   # full enough: do not walk the next tree
+    find "$d" -xdev -type f -printf '%s %p\n' 2>/dev/null | LC_ALL=C sort -k2 |
+        awk -v cap="$left" -v tf="$SP/files.took" \
+            't + $1 > cap { next } { t += $1; print substr($0, length($1) + 2) } END { print t + 0 > tf }' >> "$SP/files.list"
+    left=$((left - $(cat "$SP/files.took")))
+done
 tar -C / --no-recursion --verbatim-files-from -T "$SP/files.list" -cf - 2>/dev/null | tar -C "$SP/files" -xf -
 FILES_B=$(du -sb --apparent-size "$SP/files" | cut -f1)
 truncate -s "$SPACE_DISK" "$SP/disk.img"
