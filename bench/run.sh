@@ -3,12 +3,16 @@
 # user would otherwise pick, measured in this same run, with its ratio and target. Prints one
 # markdown table and writes it to bench/results/latest.md (--quick: bench/results/quick.md).
 #
-#   full:    2 GiB data disk, chains of depth 1/10/100, 1 TiB sparse disk; about 6-8 minutes.
-#   --quick: tiny sizes, about a minute; proves the benchmark still works, never judges speed.
+#   full:    2 GiB data disk, chains of depth 1/10/100, 1 TiB sparse disks, a 2 GiB ext4 image
+#            against restic and borg; about 12-15 minutes.
+#   --quick: tiny sizes, about two minutes; proves the benchmark still works, never judges speed.
 #
-# Needs root (mounts, drop_caches, apt-get). Installs fio and qemu-utils if missing. Knobs:
-# DISK (bytes of the data disk), BIG (bytes of the sparse disk), REPS, RUNTIME (s per fio job),
-# KEEP=1 keeps the work directory. See bench/README.md for what every row measures.
+# Needs root (mounts, drop_caches, apt-get). Installs fio, qemu-utils, restic, borgbackup and
+# time if missing. Knobs: SECTIONS (a subset of "backup reads restore live meta space scale";
+# a subset run replaces only those sections' rows in the result file), DISK (bytes of the data
+# disk), BIG (bytes of the sparse disk), SPACE_DISK and SPACE_FILES (bytes of the ext4 image and
+# of the files in it), SCALE_BIG (bytes of the scale section's big disk), REPS, RUNTIME (s per
+# fio job), KEEP=1 keeps the work directory. See bench/README.md for what every row measures.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 QUICK=0
@@ -21,6 +25,17 @@ else
     DISK=${DISK:-$((2 * GIB))}; BIG=${BIG:-$((1024 * GIB))}; REPS=${REPS:-3}; RUNTIME=${RUNTIME:-2}
     RESULT=bench/results/latest.md
 fi
+ALL_SECTIONS="backup reads restore live meta space scale"
+SECTIONS=${SECTIONS:-$ALL_SECTIONS}
+for sec in $SECTIONS; do
+    case " $ALL_SECTIONS " in *" $sec "*) ;; *) echo "bench/run.sh: unknown section $sec (known: $ALL_SECTIONS)" >&2; exit 2 ;; esac
+done
+want() { case " $SECTIONS " in *" $1 "*) return 0 ;; esac; return 1; }
+if [ $QUICK = 1 ]; then
+    SPACE_DISK=${SPACE_DISK:-$((64 << 20))}; SPACE_FILES=${SPACE_FILES:-$((20 << 20))}; SCALE_BIG=${SCALE_BIG:-$GIB}
+else
+    SPACE_DISK=${SPACE_DISK:-$((2 * GIB))}; SPACE_FILES=${SPACE_FILES:-$((1126 << 20))}; SCALE_BIG=${SCALE_BIG:-$((1024 * GIB))}
+fi
 DEPTHS="1 10 100"
 RAND_RUNTIME=1   # s per random-read job: QD1 4 KiB reads give tens of thousands of samples
 EXT=$((64 << 10))
@@ -31,6 +46,12 @@ need=()
 command -v fio >/dev/null || need+=(fio)
 command -v qemu-img >/dev/null && command -v qemu-io >/dev/null || need+=(qemu-utils)
 command -v fusermount3 >/dev/null || need+=(fuse3)
+if want space; then
+    command -v restic >/dev/null || need+=(restic)
+    command -v borg >/dev/null || need+=(borgbackup)
+    command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
+fi
+if want scale; then [ -x /usr/bin/time ] || need+=(time); fi
 if [ ${#need[@]} -gt 0 ]; then
     echo "installing ${need[*]}" >&2
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need[@]}" >/dev/null ||
@@ -62,8 +83,8 @@ log() { echo "[$(($(date +%s) - T_START))s] $*" >&2; }
 # ---------- helpers ----------
 now_ns() { date +%s%N; }
 # rec SECTION NAME VALUE UNIT BASELINE_NAME BASELINE_VALUE TARGET
-# UNIT: Bps (bytes/s), s, ms, B (bytes). TARGET: comma list of r>=x, r<=x, v>=x, v<x
-# (r = value / baseline; for times the table shows speed ratios where the target says so).
+# UNIT: Bps (bytes/s), s, ms, B (bytes), t (seconds, but the ratio is baseline / value: how many
+# times faster than the baseline). TARGET: comma list of r>=x, r<=x, r>x, v>=x, v<x (r = ratio).
 rec() { printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$@" >> "$ROWS"; }
 median() { python3 -c 'import sys,statistics; v=[float(x) for x in sys.argv[1:]]; print(statistics.median(v))' "$@"; }
 drop_fuse_cache() { dd if="$1" iflag=nocache count=0 status=none; }
@@ -86,6 +107,9 @@ fio_bw() {
 }
 # secs CMD... -> wall seconds of the command
 secs() { local t0 t1; t0=$(now_ns); "$@" >/dev/null; t1=$(now_ns); python3 -c "print(($t1 - $t0) / 1e9)"; }
+daemon_pid() { # STORE -> pid of the vmref daemon serving it (it holds the store lock)
+    head -n 1 "$1/lock"
+}
 wait_mounted() { for _ in $(seq 100); do mountpoint -q "$1" && return 0; sleep 0.05; done; echo "$1 did not mount" >&2; exit 1; }
 plainfs() { # MOUNTPOINT FILE ARGS... : start a plainfs daemon in the background
     mkdir -p "$1"
@@ -94,6 +118,10 @@ plainfs() { # MOUNTPOINT FILE ARGS... : start a plainfs daemon in the background
     wait_mounted "$1"
 }
 
+MV=$WORK/mnt-vmref
+mkdir -p "$MV"
+MOUNTS+=("$MV")
+if want backup || want reads || want restore || want live; then
 # ---------- the data disk and its chain of 100 points, and the equivalent qcow2 chain ----------
 S=$WORK/store
 IMG=$WORK/disk0.img
@@ -116,8 +144,10 @@ t0=$(now_ns); "$V" -q backup p002 >/dev/null; t1=$(now_ns)
 INC_S=$(python3 -c "print(($t1 - $t0) / 1e9)")
 ADDED=$(( $(du -sb "$S/data" | cut -f1) - PACKS0 ))
 PLANNED=$(awk '{ s += $2 } END { print s }' "$WORK/plan.002")
+if want backup; then
 rec backup "incremental backup (1 % changed) vs full backup, time" "$INC_S" s "full backup" "$FULL_S" "r<=0.03"
 rec backup "store bytes added by the incremental vs bytes changed" "$ADDED" B "bytes changed" "$PLANNED" "r<=1.05"
+fi
 
 qemu_apply() { # overlay n on n-1, then the plan's writes
     local n=$1 prev=$2 plan=$3 args=()
@@ -125,6 +155,7 @@ qemu_apply() { # overlay n on n-1, then the plan's writes
     while read -r off len; do args+=(-c "write -P 0x5a $off $len"); done < "$plan"
     qemu-io -f qcow2 "${args[@]}" "$WORK/q$n.qcow2" >/dev/null
 }
+if want reads || want restore; then
 qemu_apply 002 001 "$WORK/plan.002"
 log "building chains of 100 points (vmref backups and qcow2 overlays)"
 for i in $(seq 3 100); do
@@ -134,12 +165,11 @@ for i in $(seq 3 100); do
     "$V" -q backup "p$n" >/dev/null
     qemu_apply "$n" "$p" "$WORK/plan.$n"
 done
+fi   # reads or restore: the chains
 
 # ---------- point image reads ----------
-MV=$WORK/mnt-vmref
-mkdir -p "$MV"
+if want reads; then
 "$V" -q mount "$MV"
-MOUNTS+=("$MV")
 plainfs "$WORK/mnt-keep" "$IMG" --mode keep-cache
 plainfs "$WORK/mnt-direct" "$IMG" --mode direct-io
 PT_OK=1
@@ -195,8 +225,11 @@ for what in DD1 DD2 FSEQ FRND; do
     fi
 done
 [ $PT_OK = 1 ] || rec reads "kernel FUSE passthrough" "refused" - "" "" ""
+fi   # reads
 
 # ---------- restore ----------
+if want restore; then
+mountpoint -q "$MV" || "$V" -q mount "$MV"
 log "restore: vmref restore, cp --sparse=always from the mount, qemu-img convert; warm x$REPS, cold x1"
 declare -A RV RC RQ
 restore_round() { # d cold
@@ -229,8 +262,10 @@ for cold in 0 1; do
 done
 "$V" -q umount "$MV"
 cat "$IMG" > /dev/null
+fi   # restore
 
 # ---------- live writes (and reads) ----------
+if want live; then
 log "live writes: vmref live (tracked) vs plainfs direct-io (untracked) vs raw file, $REPS x ${RUNTIME}s each"
 # All three write the very same image file, one at a time: two different files (a copy for the
 # baselines) start in different page-cache and writeback states, which moved 4 KiB random
@@ -274,11 +309,11 @@ for job in "write 1M 0" "write 1M 1" "randwrite 4k 0" "randwrite 4k 1" "read 1M 
     fi
     rec live "$label: baseline plainfs (untracked)" "$(median ${LW[${job}plain]})" Bps "raw file" "$(median ${LW[${job}raw]})" ""
 done
+fi   # live
+fi   # the data disk
 
 # ---------- 1 TiB sparse disk: point creation, changes, memory ----------
-daemon_pid() { # STORE -> pid of the vmref daemon serving it (it holds the store lock)
-    head -n 1 "$1/lock"
-}
+if want meta; then
 big_store() { # NAME SIZE -> a store with one sparse disk, a point p0 before 1 % of its blocks changed
     local s=$WORK/$1 size=$2
     mkdir -p "$s"
@@ -324,21 +359,192 @@ tracker=$(python3 -c "print(max(0, ${RSS[big]} - ${RSS[small]}) * $((1024 * GIB)
 rec meta "tracker memory per TiB (RSS minus the 1 GiB daemon's, scaled to 1 TiB)" "$tracker" B "" "" "v<=67108864"
 rec meta "daemon peak RSS (VmHWM) after the changes queries, $BIGN disk" "${HWM[big]}" B "same daemon, 1 GiB disk" "${HWM[small]}" ""
 
+fi   # meta
+
+# ---------- space: a real ext4 image, a full and five 1 % rewrites, vs restic and borg ----------
+store_bytes() { # STORE -> bytes of the store minus track/: its repository, whatever the layout
+    local all tr=0
+    all=$(du -sb "$1" | cut -f1)
+    [ -d "$1/track" ] && tr=$(du -sb "$1/track" | cut -f1)
+    echo $((all - tr))
+}
+if want space; then
+SP=$WORK/space
+SS=$SP/store
+mkdir -p "$SP/files" "$SP/mnt" "$OUT/space"
+log "space: a $((SPACE_DISK >> 20)) MiB ext4 image of $((SPACE_FILES >> 20)) MiB of this machine's files"
+# Regular files of /usr/bin, /usr/share, then /usr/lib, each in name order, skipping any that
+# would take the total past SPACE_FILES.
+: > "$SP/files.list"
+left=$SPACE_FILES
+for d in /usr/bin /usr/share /usr/lib; do
+    [ "$left" -ge $((1 << 20)) ] || break   # full enough: do not walk the next tree
+    find "$d" -xdev -type f -printf '%s %p\n' 2>/dev/null | LC_ALL=C sort -k2 |
+        awk -v cap="$left" -v tf="$SP/files.took" \
+            't + $1 > cap { next } { t += $1; print substr($0, length($1) + 2) } END { print t + 0 > tf }' >> "$SP/files.list"
+    left=$((left - $(cat "$SP/files.took")))
+done
+tar -C / --no-recursion --verbatim-files-from -T "$SP/files.list" -cf - 2>/dev/null | tar -C "$SP/files" -xf -
+FILES_B=$(du -sb --apparent-size "$SP/files" | cut -f1)
+truncate -s "$SPACE_DISK" "$SP/disk.img"
+mkfs.ext4 -q -F -b 4096 -E nodiscard -d "$SP/files" "$SP/disk.img"
+rm -rf "$SP/files"
+cp --sparse=always "$SP/disk.img" "$SP/plain.img"   # restic's and borg's copy: same bytes, same writes
+"$V" -q --store "$SS" init --block-size 64K >/dev/null
+"$V" -q --store "$SS" disk add vm "$SP/disk.img" >/dev/null
+"$V" -q --store "$SS" mount "$SP/mnt"
+MOUNTS+=("$SP/mnt")
+export RESTIC_PASSWORD=bench RESTIC_CACHE_DIR=$SP/restic-cache
+export BORG_BASE_DIR=$SP/borg-base BORG_PASSPHRASE="" BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK=yes
+restic -q init --repo "$SP/restic" >/dev/null
+borg init -e none "$SP/borg"
+bk_vmref() { "$V" -q --store "$SS" backup "s$1"; }
+bk_restic() { restic -q --repo "$SP/restic" backup "$SP/plain.img"; }
+bk_borg() { (cd "$SP" && borg create "$SP/borg::s$1" plain.img); }
+# rewrite STEP: 1 % of the disk's 64 KiB blocks, at random aligned offsets (seeded): half of them
+# new random bytes, half copies of other non-zero blocks of the same disk; the same bytes go to
+# vmref's live file (through the mount) and to the plain copy. Prints the bytes written.
+rewrite() {
+    python3 - "$SP/mnt/live/vm.img" "$SP/plain.img" "$SPACE_DISK" "$EXT" "$1" <<'EOF'
+import os, random, sys
+live, plain, size, bs, step = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+rng = random.Random(1000 + step)
+nblocks = size // bs
+n = max(2, round(nblocks / 100))
+fl, fp = os.open(live, os.O_RDWR), os.open(plain, os.O_RDWR)
+zero = bytes(bs)
+for k, t in enumerate(rng.sample(range(nblocks), n)):
+    if k < n // 2:
+        buf = rng.randbytes(bs)
+    else:
+        for _ in range(1000):
+            s = rng.randrange(nblocks)
+            buf = os.pread(fp, bs, s * bs)
+            if s != t and buf != zero:
+                break
+    assert os.pwrite(fl, buf, t * bs) == bs and os.pwrite(fp, buf, t * bs) == bs
+os.fsync(fl); os.fsync(fp)
+print(n * bs)
+EOF
+}
+sync
+FV=$(secs bk_vmref 0); FR=$(secs bk_restic); FB=$(secs bk_borg 0)
+SV0=$(store_bytes "$SS"); SR0=$(du -sb "$SP/restic" | cut -f1); SB0=$(du -sb "$SP/borg" | cut -f1)
+log "space: five 1 % rewrites, each followed by vmref backup, restic backup, borg create"
+IV=""; IR=""; IB=""
+for i in 1 2 3 4 5; do
+    STEP_B=$(rewrite "$i")
+    sync
+    IV+="$(secs bk_vmref "$i") "; IR+="$(secs bk_restic) "; IB+="$(secs bk_borg "$i") "
+done
+SV5=$(store_bytes "$SS"); SR5=$(du -sb "$SP/restic" | cut -f1); SB5=$(du -sb "$SP/borg" | cut -f1)
+mean() { python3 -c 'import sys; v=[float(x) for x in sys.argv[1:]]; print(sum(v) / len(v))' "$@"; }
+log "space: cold restores of the last point (drop_caches before each, sync included), checked against the image"
+# restore_check NAME CMD...: time CMD plus a sync, cold; then compare the file it made with the
+# plain copy: a figure that restored other bytes is recorded as "wrong".
+restore_check() {
+    local name=$1 file=$2 t; shift 2
+    drop_all_caches
+    t=$(secs sh -c '"$@" && sync' - "$@")
+    if cmp -s "$file" "$SP/plain.img"; then echo "$t"; else log "space: $name restored other bytes"; echo wrong; fi
+    rm -rf "$OUT/space"; mkdir -p "$OUT/space"
+}
+RV5=$(restore_check vmref "$OUT/space/v.img" "$V" -q --store "$SS" restore s5 --disk vm --to "$OUT/space/v.img")
+RR5=$(restore_check restic "$OUT/space/r$SP/plain.img" restic -q --repo "$SP/restic" restore latest --target "$OUT/space/r")
+mkdir -p "$OUT/space/b"
+RB5=$(restore_check borg "$OUT/space/b/plain.img" sh -c 'cd "$1" && borg extract --sparse "$2::s5"' - "$OUT/space/b" "$SP/borg")
+"$V" -q --store "$SS" umount "$SP/mnt"
+info="$((SPACE_DISK >> 20)) MiB ext4 image, $((FILES_B >> 20)) MiB of files"
+rec space "input: bytes of the files in the ext4 image ($info)" "$FILES_B" B "" "" ""
+rec space "input: bytes rewritten by each of the five steps (1 % of the disk)" "$STEP_B" B "" "" ""
+rec space "repository after the full backup: vmref store (minus track/)" "$SV0" B "restic repository" "$SR0" "r<=1.0"
+rec space "repository after the full backup: vmref store (minus track/)" "$SV0" B "borg repository" "$SB0" "r<=1.0"
+rec space "repository after the full and five 1 % incrementals: vmref store" "$SV5" B "restic repository" "$SR5" "r<=1.0"
+rec space "repository after the full and five 1 % incrementals: vmref store" "$SV5" B "borg repository" "$SB5" "r<=1.0"
+rec space "full backup time (ratio = their time / vmref's)" "$FV" t "restic backup" "$FR" "r>1.0"
+rec space "full backup time (ratio = their time / vmref's)" "$FV" t "borg create" "$FB" "r>1.0"
+rec space "mean incremental backup time, 1 % rewritten (ratio = their time / vmref's)" "$(mean $IV)" t "restic backup" "$(mean $IR)" "r>1.0"
+rec space "mean incremental backup time, 1 % rewritten (ratio = their time / vmref's)" "$(mean $IV)" t "borg create" "$(mean $IB)" "r>1.0"
+rec space "cold restore of the last point + sync (ratio = their time / vmref's)" "$RV5" t "restic restore" "$RR5" "r>1.0"
+rec space "cold restore of the last point + sync (ratio = their time / vmref's)" "$RV5" t "borg extract --sparse" "$RB5" "r>1.0"
+rm -rf "$SP"
+fi   # space
+
+# ---------- scale: a point costs what changed, not what the disk holds ----------
+if want scale; then
+SCALE_DATA=$((64 << 20))
+# scale_disk NAME SIZE SEED: a store with one sparse disk holding SCALE_DATA bytes in 64 KiB
+# blocks at random offsets; a full backup under /usr/bin/time, then REPS rounds of an
+# incremental with nothing changed and one with one block changed (store bytes added, time);
+# then mounted, three points' images copied out with cp --sparse=always, and the daemon's VmHWM.
+declare -A SC_RSS SC_A0 SC_A1 SC_T0 SC_T1 SC_HWM SC_FULL
+scale_disk() {
+    local name=$1 size=$2 seed=$3 d=$WORK/scale-$1 s b0 b1 a0="" a1="" t0="" t1="" r pid
+    s=$d/store
+    mkdir -p "$d/mnt"
+    truncate -s "$size" "$d/disk.img"
+    "$V" -q --store "$s" init --block-size 64K >/dev/null
+    "$V" -q --store "$s" disk add d "$d/disk.img" >/dev/null
+    "$W" plan "$size" "$SCALE_DATA" "$EXT" "$seed" > "$d/plan.data"
+    "$W" apply "$s" d "$d/plan.data" "$seed"
+    sync
+    SC_FULL[$name]=$(secs /usr/bin/time -f %M -o "$d/rss" "$V" -q --store "$s" backup --full f0)
+    SC_RSS[$name]=$(( $(tail -n 1 "$d/rss") * 1024 ))
+    for r in $(seq "$REPS"); do
+        b0=$(store_bytes "$s")
+        t0+="$(secs "$V" -q --store "$s" backup "e$r") "
+        b1=$(store_bytes "$s"); a0+="$((b1 - b0)) "
+        "$W" plan "$size" "$EXT" "$EXT" $((seed * 100 + r)) > "$d/plan.one"
+        "$W" apply "$s" d "$d/plan.one" $((seed * 100 + r))
+        sync
+        b0=$(store_bytes "$s")
+        t1+="$(secs "$V" -q --store "$s" backup "o$r") "
+        b1=$(store_bytes "$s"); a1+="$((b1 - b0)) "
+    done
+    SC_A0[$name]=$(median $a0); SC_A1[$name]=$(median $a1)
+    SC_T0[$name]=$(median $t0); SC_T1[$name]=$(median $t1)
+    "$V" -q --store "$s" mount "$d/mnt"
+    MOUNTS+=("$d/mnt")
+    for p in f0 e1 o1; do cp --sparse=always "$d/mnt/$p/d.img" "$OUT/scale.img"; rm -f "$OUT/scale.img"; done
+    pid=$(daemon_pid "$s")
+    SC_HWM[$name]=$(awk '/VmHWM/ { print $2 * 1024 }' "/proc/$pid/status")
+    "$V" -q --store "$s" umount "$d/mnt"
+    rm -rf "$d"
+}
+SBN="$((SCALE_BIG >> 30)) GiB"
+log "scale: $SBN and 1 GiB sparse disks with $((SCALE_DATA >> 20)) MiB of data: full, then $REPS x (0, 1 changed block) incrementals"
+scale_disk small "$GIB" 7
+scale_disk big "$SCALE_BIG" 8
+rec scale "full backup of $((SCALE_DATA >> 20)) MiB on a $SBN sparse disk, time" "${SC_FULL[big]}" s "same on a 1 GiB disk" "${SC_FULL[small]}" ""
+rec scale "store bytes added by an incremental with 0 changed blocks, $SBN disk" "${SC_A0[big]}" B "same on a 1 GiB disk" "${SC_A0[small]}" "v<=1048576"
+rec scale "store bytes added by an incremental with 1 changed block, $SBN disk" "${SC_A1[big]}" B "same on a 1 GiB disk" "${SC_A1[small]}" "v<=1048576"
+rec scale "time of an incremental with 0 changed blocks, $SBN disk" "${SC_T0[big]}" s "same on a 1 GiB disk" "${SC_T0[small]}" "r<=3"
+rec scale "time of an incremental with 1 changed block, $SBN disk" "${SC_T1[big]}" s "same on a 1 GiB disk" "${SC_T1[small]}" "r<=3"
+rec scale "peak RSS of backup --full (no daemon), $SBN disk" "${SC_RSS[big]}" B "same on a 1 GiB disk" "${SC_RSS[small]}" "v<=134217728"
+rec scale "daemon VmHWM after cp --sparse=always of three points' images, $SBN disk" "${SC_HWM[big]}" B "same on a 1 GiB disk" "${SC_HWM[small]}" "v<=134217728"
+fi   # scale
+
 # ---------- the table ----------
 mkdir -p bench/results
-python3 - "$ROWS" "$QUICK" "$(nproc)" "$(uname -r)" "$DISK" "$BIG" "$REPS" "$RUNTIME" "$(($(date +%s) - T_START))" > "$WORK/table.md" <<'EOF'
-import sys
-rows_path, quick, cores, kernel, disk, big, reps, runtime, took = sys.argv[1:]
+python3 - "$ROWS" "$QUICK" "$(nproc)" "$(uname -r)" "$DISK" "$BIG" "$REPS" "$RUNTIME" "$(($(date +%s) - T_START))" \
+    "$SECTIONS" "$ALL_SECTIONS" "$RESULT" "$SPACE_DISK" "$SPACE_FILES" "$SCALE_BIG" > "$WORK/table.md" <<'EOF'
+import os, sys, time
+(rows_path, quick, cores, kernel, disk, big, reps, runtime, took, sections, all_sections, result,
+ space_disk, space_files, scale_big) = sys.argv[1:]
 quick = quick == "1"
+sections = sections.split()
+partial = set(sections) != set(all_sections.split())
 def fmt(v, unit):
     if v == "": return ""
     try: x = float(v)
     except ValueError: return v
     if unit == "Bps": return f"{x/1e9:.2f} GB/s" if x >= 1e9 else f"{x/1e6:.0f} MB/s"
-    if unit == "s": return f"{x*1e3:.1f} ms" if x < 1 else f"{x:.2f} s"
+    if unit in ("s", "t"): return f"{x*1e3:.1f} ms" if x < 1 else f"{x:.2f} s"
     if unit == "B": return f"{x/2**20:.1f} MiB"
     return v
-def verdict(v, b, tgt):
+def ratio_of(v, b, unit):
+    return b / v if unit == "t" else v / b
+def verdict(v, b, tgt, unit):
     if not tgt: return ""
     try: x = float(v)
     except ValueError: return "MISS"
@@ -347,7 +553,7 @@ def verdict(v, b, tgt):
         for op in (">=", "<=", "<", ">"):
             if op in t:
                 k, lim = t.split(op); lim = float(lim); break
-        y = x / float(b) if k == "r" else x
+        y = ratio_of(x, float(b), unit) if k == "r" else x
         ok &= {">=": y >= lim, "<=": y <= lim, "<": y < lim, ">": y > lim}[op]
     return "PASS" if ok else "MISS"
 def tgt_text(tgt, unit):
@@ -363,20 +569,42 @@ def tgt_text(tgt, unit):
 print(f"# vmref benchmarks{' (--quick: proves the benchmark runs; figures are not judged)' if quick else ''}")
 print()
 print(f"{cores} cores, kernel {kernel}; data disk {int(disk)>>20} MiB, sparse disk {int(big)>>30} GiB; "
-      f"medians of {reps} (cold restores: 1); fio psync QD1, {runtime} s per timed job; run took {took} s.")
+      f"space: ext4 image {int(space_disk)>>20} MiB holding up to {int(space_files)>>20} MiB of files; "
+      f"scale: {int(scale_big)>>30} GiB and 1 GiB sparse disks; "
+      f"medians of {reps} (cold restores: 1); fio psync QD1, {runtime} s per timed job.")
+print()
+# A run of a subset of the sections replaces only their rows in the result file: the others
+# stay as the earlier run measured them, in the order of ALL_SECTIONS.
+old = {}
+if partial and os.path.exists(result):
+    for line in open(result):
+        if line.startswith("| ") and not line.startswith("| section "):
+            sec = line.split("|")[1].strip()
+            if sec not in sections:
+                old.setdefault(sec, []).append(line.rstrip("\n"))
+stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+if old:
+    print(f"Sections {', '.join(sections)}: run of {stamp}, took {took} s. "
+          f"Sections {', '.join(s for s in all_sections.split() if s in old)}: from an earlier run of the same file.")
+else:
+    print(f"Sections {', '.join(sections)}: run of {stamp}, took {took} s.")
 print()
 print("| section | measure | figure | baseline | ratio | target | verdict |")
 print("|---|---|---|---|---|---|---|")
+new = {}
 for line in open(rows_path):
     sec, name, v, unit, bname, b, tgt = line.rstrip("\n").split("\t")
     ratio = ""
     if b not in ("", "0"):
-        try: ratio = f"{float(v)/float(b):.2f}x"
-        except ValueError: pass
+        try: ratio = f"{ratio_of(float(v), float(b), unit):.2f}x"
+        except (ValueError, ZeroDivisionError): pass
     base = f"{bname} {fmt(b, unit)}".strip()
-    ver = verdict(v, b, tgt)
+    ver = verdict(v, b, tgt, unit)
     if quick and ver: ver = "(not judged)"
-    print(f"| {sec} | {name} | {fmt(v, unit)} | {base} | {ratio} | {tgt_text(tgt, unit)} | {ver} |")
+    new.setdefault(sec, []).append(f"| {sec} | {name} | {fmt(v, unit)} | {base} | {ratio} | {tgt_text(tgt, unit)} | {ver} |")
+for sec in all_sections.split():
+    for line in new.get(sec, []) + old.get(sec, []):
+        print(line)
 EOF
 cp "$WORK/table.md" "$RESULT"
 cat "$RESULT"
