@@ -167,6 +167,17 @@ pub fn delete(owner: &dyn Owner, name: &str) -> Result<RefRecord> {
     Ok(rec)
 }
 
+/// Remove a point record that does not decode, which keeps the engine from opening: the one
+/// way out. Takes the store lock itself; the point's backup data, if any, is collected at the
+/// next engine open.
+///
+/// # Errors
+/// `Locked` when the store is in use; I/O failures.
+pub fn delete_damaged_record(store: &Store, name: &str) -> Result<()> {
+    let _lock = crate::store::lock::StoreLock::try_acquire(store.root())?;
+    store.remove_ref_record(name)
+}
+
 /// What a prune did.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PruneReport {

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::image::ImageSource;
 use crate::store::now_unix;
-use crate::store::records::{BackupInfo, RefRecord, RefState};
+use crate::store::records::{BackupInfo, BackupKind, RefRecord, RefState};
 use crate::track::seqmap::BlockRun;
 
 use super::cow::{Checkpoint, CheckpointImage};
@@ -28,7 +28,7 @@ const CHUNK: u64 = 4 << 20;
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct DiskReport {
     pub disk: String,
-    pub kind: String,
+    pub kind: BackupKind,
     /// Blocks read from the checkpoint.
     pub scanned_blocks: u64,
     /// Non-zero blocks stored in the new pack.
@@ -163,11 +163,10 @@ fn copy(
         state: RefState::Restorable,
         backup: Some(BackupInfo {
             kind: if any_incremental {
-                "incremental"
+                BackupKind::Incremental
             } else {
-                "full"
-            }
-            .into(),
+                BackupKind::Full
+            },
             since: base.filter(|_| any_incremental).map(|b| b.name.clone()),
             stored_blocks: disks.iter().map(|d| d.stored_blocks).sum(),
             stored_bytes: disks.iter().map(|d| d.stored_bytes).sum(),
@@ -225,7 +224,11 @@ fn copy_disk(
     progress.start(name, total);
     let mut report = DiskReport {
         disk: name.to_string(),
-        kind: if incremental { "incremental" } else { "full" }.into(),
+        kind: if incremental {
+            BackupKind::Incremental
+        } else {
+            BackupKind::Full
+        },
         scanned_blocks: 0,
         stored_blocks: 0,
         stored_bytes: 0,
