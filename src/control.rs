@@ -1,7 +1,17 @@
 //! The control protocol: what a command asks of the store's owner, carried out by
 //! `execute` either in the command's own process (no daemon) or in the mounted daemon, which
 //! receives the same request as one JSON line on `STORE/control.sock` and answers with one
-//! JSON line `{"ok": …}` or `{"error": "…"}`. One code path, two transports.
+//! JSON line. One code path, two transports.
+//!
+//! Each line carries the protocol version: `{"v": 1, "request": {"op": …}}` and
+//! `{"v": 1, "reply": {"ok": …}}` or `{"v": 1, "reply": {"error": {"kind": …, "message": …}}}`.
+//! An error crosses as its typed `Error` (variant and fields) plus its text: the client
+//! rebuilds the same variant, so a command prints the same line and exits the same way
+//! whether its work ran in its own process or in the daemon. The text is the fallback when a
+//! daemon of another version sends a kind this one does not know.
+//!
+//! The typed functions below (`ref_create`, `backup`, `status`, …) are what commands call:
+//! each builds its request and runs it on the store's owner (`run_typed`).
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -12,13 +22,20 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
-use serde_json::{Value, json};
 
+use crate::backup::manage::PruneReport;
+use crate::backup::restore::RestoreReport;
+use crate::backup::run::BackupReport;
+use crate::backup::verify::VerifyReport;
 use crate::backup::{self, NoProgress, Progress};
-use crate::engine::Engine;
+use crate::engine::{DiskChanges, Engine};
 use crate::error::{Error, Result};
 use crate::store::Store;
-use crate::store::records::RefState;
+use crate::store::records::{DiskRecord, RefRecord, RefState};
+
+/// The control protocol's version, sent in every request and reply. Bump it when a request
+/// or reply changes shape.
+pub const PROTOCOL: u32 = 1;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "kebab-case")]
@@ -56,8 +73,62 @@ pub enum Request {
     DiskRemove {
         name: String,
     },
+    /// Write a point's image of one disk to `to` (an absolute path: the daemon runs in `/`).
+    Restore {
+        point: String,
+        disk: String,
+        to: PathBuf,
+        force: bool,
+    },
+    /// Check the stored blocks of one restorable point, or of all.
+    Verify {
+        point: Option<String>,
+    },
     Status,
     Ping,
+}
+
+/// Who answers on the control socket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pong {
+    pub pid: u32,
+    pub store: PathBuf,
+}
+
+/// `status`: the store, its disks and their tracking state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub store: PathBuf,
+    pub store_id: String,
+    pub block_size: u32,
+    pub disks: Vec<DiskStatus>,
+    /// Reference points of every state.
+    pub refs: usize,
+    pub restorable: usize,
+}
+
+/// One disk in `status`. An unavailable disk has only its name, image and `tracking`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DiskStatus {
+    pub name: String,
+    /// None when the record of an unavailable disk cannot be read either.
+    pub image: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block_size: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_seq: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracked_since_seq: Option<u32>,
+    /// One human line: ok, recovered, restarted (and why), or unavailable (and why).
+    pub tracking: String,
+    /// Persistent, unlike `tracking`: why changes before `tracked_since_seq` are unknown
+    /// (empty when tracking never restarted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart_reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracker_memory_bytes: Option<u64>,
 }
 
 /// Carry out a request on the engine.
@@ -77,7 +148,6 @@ pub fn execute_with(
     req: &Request,
     progress: &dyn Progress,
 ) -> Result<Box<RawValue>> {
-    let store = engine.store();
     // Serialized once, straight from the typed result: a changes reply can hold hundreds of
     // thousands of extents, and a `Value` tree of them costs more than the query.
     fn raw<T: Serialize + ?Sized>(v: &T) -> Box<RawValue> {
@@ -88,14 +158,7 @@ pub fn execute_with(
             name,
             owner,
             checkpoint,
-        } => {
-            let state = if *checkpoint {
-                RefState::Checkpoint
-            } else {
-                RefState::Plain
-            };
-            raw(&engine.ref_create(name, owner.as_deref(), state)?)
-        }
+        } => raw(&engine.ref_create(name, owner.as_deref(), point_state(*checkpoint))?),
         Request::RefDelete { name } => raw(&backup::manage::delete(engine, name)?),
         Request::RefDemote { name } => raw(&backup::manage::demote(engine, name)?),
         Request::Backup { name, full, since } => raw(&backup::run::backup(
@@ -112,107 +175,386 @@ pub fn execute_with(
             engine.disk_remove(name)?;
             raw(&())
         }
-        Request::Status => raw(&status(engine)?),
-        Request::Ping => raw(&json!({"pid": std::process::id(), "store": store.root()})),
+        Request::Restore {
+            point,
+            disk,
+            to,
+            force,
+        } => raw(&backup::restore::restore(
+            engine.store(),
+            point,
+            disk,
+            to,
+            *force,
+            progress,
+        )?),
+        Request::Verify { point } => raw(&backup::verify::verify(
+            engine.store(),
+            point.as_deref(),
+            progress,
+        )?),
+        Request::Status => raw(&engine_status(engine)?),
+        Request::Ping => raw(&Pong {
+            pid: std::process::id(),
+            store: engine.store().root().to_path_buf(),
+        }),
     })
 }
 
-fn status(engine: &Engine) -> Result<Value> {
+fn point_state(checkpoint: bool) -> RefState {
+    if checkpoint {
+        RefState::Checkpoint
+    } else {
+        RefState::Plain
+    }
+}
+
+fn engine_status(engine: &Engine) -> Result<Status> {
     let store = engine.store();
     let refs = store.refs()?;
-    let mut disks: Vec<Value> = engine
+    let mut disks: Vec<DiskStatus> = engine
         .disks()
         .iter()
         .map(|d| {
             let t = d.tracker();
-            json!({
-                "name": d.name(),
-                "image": d.image(),
-                "size": d.size(),
-                "block_size": t.block_size(),
-                "current_seq": t.current_seq(),
-                "tracked_since_seq": t.base_seq(),
-                "tracking": match &t.report().lost {
-                    Some(r) => format!("restarted: {r}"),
-                    None if t.report().recovered_regions > 0 => format!(
-                        "recovered after an unclean stop ({} regions counted as changed)",
-                        t.report().recovered_regions
-                    ),
-                    // Restarted in an earlier session: older points stay unusable, say why.
-                    None if !t.lost_reason().is_empty() => format!(
-                        "ok since seq {} (restarted: {})",
-                        t.base_seq(),
-                        t.lost_reason()
-                    ),
-                    None => "ok".to_string(),
-                },
-                // Persistent, unlike `tracking`: why changes before `tracked_since_seq` are
-                // unknown (empty when tracking never restarted).
-                "restart_reason": t.lost_reason(),
-                "tracker_memory_bytes": t.map().memory_bytes(),
-            })
+            let tracking = match &t.report().lost {
+                Some(r) => format!("restarted: {r}"),
+                None if t.report().recovered_regions > 0 => format!(
+                    "recovered after an unclean stop ({} regions counted as changed)",
+                    t.report().recovered_regions
+                ),
+                // Restarted in an earlier session: older points stay unusable, say why.
+                None if !t.lost_reason().is_empty() => format!(
+                    "ok since seq {} (restarted: {})",
+                    t.base_seq(),
+                    t.lost_reason()
+                ),
+                None => "ok".to_string(),
+            };
+            DiskStatus {
+                name: d.name().to_string(),
+                image: Some(d.image().to_path_buf()),
+                size: Some(d.size()),
+                block_size: Some(t.block_size()),
+                current_seq: Some(t.current_seq()),
+                tracked_since_seq: Some(t.base_seq()),
+                tracking,
+                restart_reason: Some(t.lost_reason().to_string()),
+                tracker_memory_bytes: Some(t.map().memory_bytes()),
+            }
         })
         .collect();
     for (name, why) in engine.unavailable() {
         let image = store.read_disk(&name).map(|r| r.image).ok();
-        disks.push(json!({
-            "name": name,
-            "image": image,
-            "tracking": format!("unavailable: {why}"),
-        }));
+        disks.push(DiskStatus {
+            name,
+            image,
+            size: None,
+            block_size: None,
+            current_seq: None,
+            tracked_since_seq: None,
+            tracking: format!("unavailable: {why}"),
+            restart_reason: None,
+            tracker_memory_bytes: None,
+        });
     }
-    Ok(json!({
-        "store": store.root(),
-        "store_id": store.meta().id,
-        "block_size": store.block_size(),
-        "disks": disks,
-        "refs": refs.len(),
-        "restorable": refs.iter().filter(|r| r.state == RefState::Restorable).count(),
-    }))
+    Ok(Status {
+        store: store.root().to_path_buf(),
+        store_id: store.meta().id.clone(),
+        block_size: store.block_size(),
+        disks,
+        refs: refs.len(),
+        restorable: refs
+            .iter()
+            .filter(|r| r.state == RefState::Restorable)
+            .count(),
+    })
+}
+
+/// The typed operations commands call: each runs its request on the store's owner.
+///
+/// # Errors
+/// Whatever the operation reports, the same variant whichever process carried it out.
+pub fn ref_create(
+    store: &Store,
+    name: &str,
+    owner: Option<&str>,
+    checkpoint: bool,
+) -> Result<RefRecord> {
+    let req = Request::RefCreate {
+        name: name.to_string(),
+        owner: owner.map(str::to_string),
+        checkpoint,
+    };
+    run_typed(store, &req, |e| {
+        e.ref_create(name, owner, point_state(checkpoint))
+    })
+}
+
+/// What `ref_delete` removed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Deleted {
+    Point(RefRecord),
+    /// A record that does not decode (see `ref_delete`).
+    DamagedRecord,
+}
+
+/// See `ref_create`. A damaged record stops the engine from opening at all (it cannot know
+/// which numbers the point held), so it is removed directly, under the store lock; its
+/// backup data, if any, is collected at the next open.
+///
+/// # Errors
+/// As `backup::manage::delete`; `Locked` for a damaged record while the store is in use.
+pub fn ref_delete(store: &Store, name: &str) -> Result<Deleted> {
+    if let Err(Error::Format { .. }) = store.read_ref(name) {
+        backup::manage::delete_damaged_record(store, name)?;
+        return Ok(Deleted::DamagedRecord);
+    }
+    let req = Request::RefDelete {
+        name: name.to_string(),
+    };
+    run_typed(store, &req, |e| backup::manage::delete(e, name)).map(Deleted::Point)
+}
+
+/// See `ref_create`.
+///
+/// # Errors
+/// As `backup::manage::demote`.
+pub fn ref_demote(store: &Store, name: &str) -> Result<RefRecord> {
+    let req = Request::RefDemote {
+        name: name.to_string(),
+    };
+    run_typed(store, &req, |e| backup::manage::demote(e, name))
+}
+
+/// See `ref_create`. Progress is reported only when the backup runs in this process (a
+/// daemon's is not shown).
+///
+/// # Errors
+/// As `backup::run::backup`.
+pub fn backup(
+    store: &Store,
+    name: &str,
+    full: bool,
+    since: Option<&str>,
+    progress: &dyn Progress,
+) -> Result<BackupReport> {
+    let req = Request::Backup {
+        name: name.to_string(),
+        full,
+        since: since.map(str::to_string),
+    };
+    run_typed(store, &req, |e| {
+        backup::run::backup(e, name, full, since, progress)
+    })
+}
+
+/// See `ref_create`.
+///
+/// # Errors
+/// As `backup::manage::prune`.
+pub fn prune(store: &Store, keep_last: u32) -> Result<PruneReport> {
+    run_typed(store, &Request::Prune { keep_last }, |e| {
+        backup::manage::prune(e, keep_last)
+    })
+}
+
+/// See `ref_create`. Typed all the way: a 1 TiB disk can have hundreds of thousands of
+/// extents.
+///
+/// # Errors
+/// As `Engine::changes`.
+pub fn changes(store: &Store, since: &str, disk: Option<&str>) -> Result<Vec<DiskChanges>> {
+    let req = Request::Changes {
+        since: since.to_string(),
+        disk: disk.map(str::to_string),
+    };
+    run_typed(store, &req, |e| e.changes(since, disk))
+}
+
+/// See `ref_create`.
+///
+/// # Errors
+/// As `Engine::disk_add`.
+pub fn disk_add(store: &Store, name: &str, image: &Path) -> Result<DiskRecord> {
+    let req = Request::DiskAdd {
+        name: name.to_string(),
+        image: image.to_path_buf(),
+    };
+    run_typed(store, &req, |e| e.disk_add(name, image))
+}
+
+/// See `ref_create`.
+///
+/// # Errors
+/// As `Engine::disk_remove`.
+pub fn disk_remove(store: &Store, name: &str) -> Result<()> {
+    let req = Request::DiskRemove {
+        name: name.to_string(),
+    };
+    run_typed(store, &req, |e| e.disk_remove(name))
+}
+
+/// See `ref_create`.
+///
+/// # Errors
+/// As `Engine::open` and the queries it makes.
+pub fn status(store: &Store) -> Result<Status> {
+    run_typed(store, &Request::Status, engine_status)
+}
+
+/// Restore a point's disk to `to`, in the daemon when one is mounted, else here.
+///
+/// Unlike the requests above, without a daemon this runs on the store directly, not on an
+/// engine: it only reads backup data, so it needs no store lock, and taking one would make a
+/// restore fail beside another command (or a damaged record) that it does not depend on.
+///
+/// # Errors
+/// As `backup::restore::restore`.
+pub fn restore(
+    store: &Store,
+    point: &str,
+    disk: &str,
+    to: &Path,
+    force: bool,
+    progress: &dyn Progress,
+) -> Result<RestoreReport> {
+    // The daemon runs in `/`: it must be told where `to` is from here.
+    let abs = std::path::absolute(to).map_err(Error::io("resolve", to))?;
+    let req = Request::Restore {
+        point: point.to_string(),
+        disk: disk.to_string(),
+        to: abs,
+        force,
+    };
+    run_read_only(store, &req, || {
+        backup::restore::restore(store, point, disk, to, force, progress)
+    })
+}
+
+/// Verify one point or all, in the daemon when one is mounted, else here (read-only on the
+/// store, as `restore`).
+///
+/// # Errors
+/// As `backup::verify::verify`.
+pub fn verify(store: &Store, point: Option<&str>, progress: &dyn Progress) -> Result<VerifyReport> {
+    let req = Request::Verify {
+        point: point.map(str::to_string),
+    };
+    run_read_only(store, &req, || {
+        backup::verify::verify(store, point, progress)
+    })
+}
+
+/// Who serves the store's control socket, if anyone.
+///
+/// # Errors
+/// `Locked` when nothing answers; as `call`.
+pub fn ping(store: &Store) -> Result<Pong> {
+    call(store, &Request::Ping)
+}
+
+/// One request line on the wire.
+#[derive(Serialize, Deserialize)]
+struct RequestLine<R> {
+    v: u32,
+    request: R,
+}
+
+/// One reply line on the wire. `reply` holds the typed answer or the error.
+#[derive(Serialize, Deserialize)]
+struct ReplyLine<T> {
+    v: u32,
+    reply: Reply<T>,
 }
 
 #[derive(Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-enum Reply<T = Value> {
+enum Reply<T> {
     Ok(T),
-    Error(String),
+    Error(WireError<Box<RawValue>>),
 }
 
-/// Send a request to the daemon owning `store`.
+/// An error on the wire: the typed error (`E` is `Error` when sent; read back raw, so that a
+/// kind this vmref does not know still leaves the text to print).
+#[derive(Serialize, Deserialize)]
+struct WireError<E> {
+    kind: E,
+    message: String,
+}
+
+/// What any reply line, of any version, says about itself: enough to explain a reply that
+/// does not parse as this version's.
+#[derive(Deserialize)]
+struct ReplyHeader {
+    #[serde(default)]
+    v: u32,
+    /// Before versioning, errors came back as `{"error": "text"}`.
+    #[serde(default)]
+    error: Option<serde_json::Value>,
+}
+
+/// Send a request to the daemon owning `store` and parse the answer straight into `T` (no
+/// intermediate tree for large replies).
 ///
 /// # Errors
 /// `Locked` when nothing answers on the socket (another non-daemon process holds the lock);
-/// the daemon's own error text as `Daemon`.
-pub fn call(store: &Store, req: &Request) -> Result<Value> {
-    call_typed(store, req)
-}
-
-/// `call`, parsing the answer straight into `T` (no intermediate `Value` for large replies).
-///
-/// # Errors
-/// As `call`.
-pub fn call_typed<T: DeserializeOwned>(store: &Store, req: &Request) -> Result<T> {
+/// the daemon's error as the same `Error` variant; `Protocol` for a daemon of another
+/// protocol version, `Daemon` for a reply that cannot be understood.
+pub fn call<T: DeserializeOwned>(store: &Store, req: &Request) -> Result<T> {
     let path = store.socket_path();
-    let mut s = match UnixStream::connect(&path) {
+    let s = match UnixStream::connect(&path) {
         Ok(s) => s,
         Err(_) => return Err(Error::Locked(store.root().to_path_buf())),
     };
-    let io = Error::io("talk to the daemon at", &path);
-    let mut line = serde_json::to_vec(req).expect("requests serialize");
+    call_on(s, &path, req)
+}
+
+fn call_on<T: DeserializeOwned>(mut s: UnixStream, path: &Path, req: &Request) -> Result<T> {
+    let io = Error::io("talk to the daemon at", path);
+    let mut line = serde_json::to_vec(&RequestLine {
+        v: PROTOCOL,
+        request: req,
+    })
+    .expect("requests serialize");
     line.push(b'\n');
     s.write_all(&line).map_err(io)?;
     let mut r = BufReader::new(s);
     let mut reply = String::new();
     r.read_line(&mut reply)
-        .map_err(Error::io("read from the daemon at", &path))?;
-    match serde_json::from_str::<Reply<T>>(&reply) {
-        Ok(Reply::Ok(v)) => Ok(v),
-        Ok(Reply::Error(e)) => Err(Error::Daemon(e)),
-        Err(_) => Err(Error::Daemon(format!(
+        .map_err(Error::io("read from the daemon at", path))?;
+    match serde_json::from_str::<ReplyLine<T>>(&reply) {
+        Ok(ReplyLine { v, .. }) if v != PROTOCOL => Err(Error::Protocol {
+            daemon: v,
+            client: PROTOCOL,
+        }),
+        Ok(ReplyLine {
+            reply: Reply::Ok(v),
+            ..
+        }) => Ok(v),
+        Ok(ReplyLine {
+            reply: Reply::Error(e),
+            ..
+        }) => Err(serde_json::from_str::<Error>(e.kind.get()).unwrap_or(Error::Daemon(e.message))),
+        Err(_) => Err(unreadable(&reply, path)),
+    }
+}
+
+fn unreadable(reply: &str, path: &Path) -> Error {
+    match serde_json::from_str::<ReplyHeader>(reply) {
+        Ok(h) if h.v != PROTOCOL => Error::Protocol {
+            daemon: h.v,
+            client: PROTOCOL,
+        },
+        Ok(ReplyHeader {
+            error: Some(serde_json::Value::String(e)),
+            ..
+        }) => Error::Daemon(e),
+        _ => Error::Daemon(format!(
             "unreadable reply from {}: {:?}",
             path.display(),
             reply.chars().take(200).collect::<String>()
-        ))),
+        )),
     }
 }
 
@@ -220,7 +562,7 @@ pub fn call_typed<T: DeserializeOwned>(store: &Store, req: &Request) -> Result<T
 /// when the store is free (without a JSON round trip), else the daemon carries out `req`.
 ///
 /// # Errors
-/// As `run`.
+/// What `direct` or the daemon reports; `Locked` when another command holds the store.
 pub fn run_typed<T: DeserializeOwned>(
     store: &Store,
     req: &Request,
@@ -232,27 +574,23 @@ pub fn run_typed<T: DeserializeOwned>(
             engine.close()?;
             Ok(v)
         }
-        Err(Error::Locked(_)) => call_typed(store, req),
+        Err(Error::Locked(_)) => call(store, req),
         Err(e) => Err(e),
     }
 }
 
-/// Run `req` on the store's owner: in this process when the store is free, else through the
-/// mounted daemon.
-pub fn run(store: &Store, req: &Request) -> Result<Value> {
-    run_with(store, req, &NoProgress)
-}
-
-/// `run`, reporting progress when the request runs in this process (a daemon's progress is
-/// not shown).
-///
-/// # Errors
-/// As `run`.
-pub fn run_with(store: &Store, req: &Request, progress: &dyn Progress) -> Result<Value> {
-    run_typed(store, req, |engine| {
-        let raw = execute_with(engine, req, progress)?;
-        Ok(serde_json::from_str(raw.get()).expect("a reply parses"))
-    })
+/// Run a read-only request in the daemon when one answers, else `direct` here, with no
+/// engine and no lock (see `restore`).
+fn run_read_only<T: DeserializeOwned>(
+    store: &Store,
+    req: &Request,
+    direct: impl FnOnce() -> Result<T>,
+) -> Result<T> {
+    let path = store.socket_path();
+    match UnixStream::connect(&path) {
+        Ok(s) => call_on(s, &path, req),
+        Err(_) => direct(),
+    }
 }
 
 /// Serve requests on the control socket until the listener is closed. One thread per
@@ -268,17 +606,47 @@ pub fn serve(engine: Arc<Engine>, listener: UnixListener) {
             if r.read_line(&mut line).is_err() {
                 return;
             }
-            let reply = match serde_json::from_str::<Request>(&line) {
+            let reply = match parse_request(&line) {
                 Ok(req) => match execute(&engine, &req) {
                     Ok(v) => Reply::Ok(v),
-                    Err(e) => Reply::Error(e.to_string()),
+                    Err(e) => Reply::Error(wire_error(&e)),
                 },
-                Err(e) => Reply::Error(format!("bad request: {e}")),
+                Err(e) => Reply::Error(wire_error(&e)),
             };
-            let mut out = serde_json::to_vec(&reply).expect("replies serialize");
+            let mut out =
+                serde_json::to_vec(&ReplyLine { v: PROTOCOL, reply }).expect("replies serialize");
             out.push(b'\n');
             let _ = (&conn).write_all(&out);
         });
+    }
+}
+
+fn wire_error(e: &Error) -> WireError<Box<RawValue>> {
+    WireError {
+        kind: serde_json::value::to_raw_value(e).expect("errors serialize"),
+        message: e.to_string(),
+    }
+}
+
+fn parse_request(line: &str) -> Result<Request> {
+    #[derive(Deserialize)]
+    struct Version {
+        #[serde(default)]
+        v: u32,
+    }
+    match serde_json::from_str::<RequestLine<Request>>(line) {
+        Ok(r) if r.v == PROTOCOL => Ok(r.request),
+        Ok(r) => Err(Error::Protocol {
+            daemon: PROTOCOL,
+            client: r.v,
+        }),
+        Err(e) => match serde_json::from_str::<Version>(line) {
+            Ok(h) if h.v != PROTOCOL => Err(Error::Protocol {
+                daemon: PROTOCOL,
+                client: h.v,
+            }),
+            _ => Err(Error::Daemon(format!("bad request: {e}"))),
+        },
     }
 }
 

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use fuser::{Config, MountOption, Session, SessionACL};
 
-use crate::control::{self, Request};
+use crate::control;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::fs::fuse::FuseFs;
@@ -186,11 +186,9 @@ fn daemonize(store: &Store) -> Result<()> {
 fn open_engine(store: Store) -> Result<Engine> {
     match Engine::open(store.clone()) {
         Err(Error::Locked(root)) => {
-            let who = control::call(&store, &Request::Ping)
-                .ok()
-                .and_then(|v| v["pid"].as_u64())
-                .map(|pid| format!("vmref daemon pid {pid}"))
-                .unwrap_or_else(|| "another vmref process".into());
+            let who = control::ping(&store)
+                .map(|p| format!("vmref daemon pid {}", p.pid))
+                .unwrap_or_else(|_| "another vmref process".into());
             Err(mount_err(format!(
                 "store {} is already in use by {who}; a store is mounted at most once",
                 root.display()

@@ -1,4 +1,7 @@
-//! The vmref binary: parse arguments, set up logging, run, print any error once.
+//! The vmref binary: parse arguments, set up logging, run, print any error once. The
+//! terminal progress bar is the binary's too (`bar`).
+
+mod bar;
 
 use clap::Parser;
 
@@ -14,7 +17,8 @@ fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
         .format_timestamp(None)
         .init();
-    if let Err(e) = vmref::commands::run(cli) {
+    let progress = bar::Bar::new(cli.quiet);
+    if let Err(e) = vmref::commands::run(cli, &progress) {
         // A closed pipe (`vmref ref list | head`) is a normal stop, not an error.
         if let vmref::Error::Io { source, .. } = &e
             && source.kind() == std::io::ErrorKind::BrokenPipe

@@ -1,14 +1,13 @@
 //! Checkpoints: copy-on-write of live disks so a point's image stays readable while the VM
 //! keeps writing.
 //!
-//! Each live disk has a `DiskCow`: the list of open checkpoints' savers behind one mutex.
-//! A write takes that mutex, and for each block it touches that some saver has not saved yet,
-//! reads the block's current (pre-write) bytes and saves them, then releases the mutex and
-//! lets the write go ahead. A reader of a checkpoint image takes the same mutex around
-//! "is it saved?" and the read of the live bytes, so it can never see a block half-saved or
-//! already overwritten: while it holds the mutex, no unsaved block can be written. (Reads
-//! of many blocks read the live bytes first, unlocked, and then replace every block found
-//! saved: see `CheckpointImage::read_at`.)
+//! A checkpoint registers one `CowSaver` per disk with the disk's copy-on-write hook
+//! (`live::cow`): the first write to each block since the checkpoint hands the block's old
+//! bytes to the saver first. A reader of a checkpoint image takes the hook's mutex
+//! (`DiskCow::hold`) around "is it saved?" and the read of the live bytes, so it can never see
+//! a block half-saved or already overwritten. (Reads of many blocks read the live bytes
+//! first, unlocked, and then replace every block found saved: see
+//! `CheckpointImage::read_at`.)
 //!
 //! Saved blocks go to an unlinked file under `STORE/data/cow/`: they live only as long as the
 //! engine (a crash or restart leaves nothing behind, and the checkpoint is gone; see the
@@ -23,11 +22,12 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use parking_lot::{Mutex, MutexGuard};
+use parking_lot::Mutex;
 
 use crate::error::{Error, Result};
 use crate::image::ImageSource;
 use crate::live::LiveDisk;
+use crate::live::cow::BlockSaver;
 use crate::store::records::RefRecord;
 
 /// One checkpoint's saved blocks of one disk.
@@ -100,12 +100,22 @@ impl CowSaver {
             return Err(Error::CheckpointClosed(self.point.clone()));
         }
         match &st.failed {
-            Some(why) => Err(Error::Refused(format!(
-                "checkpoint {} of disk {} is broken: {why}",
-                self.point, self.disk
-            ))),
+            Some(why) => Err(Error::CheckpointBroken {
+                point: self.point.clone(),
+                disk: self.disk.clone(),
+                why: why.clone(),
+            }),
             None => Ok(()),
         }
+    }
+}
+
+impl BlockSaver for CowSaver {
+    fn needs(&self, block: u64) -> bool {
+        let st = self.state.lock();
+        st.failed.is_none()
+            && !st.slots.contains_key(&block)
+            && block * (self.block_size as u64) < self.size
     }
 
     fn save(&self, block: u64, old: &[u8]) {
@@ -133,67 +143,13 @@ impl CowSaver {
         }
     }
 
-    fn needs(&self, block: u64) -> bool {
-        let st = self.state.lock();
-        st.failed.is_none()
-            && !st.slots.contains_key(&block)
-            && block * (self.block_size as u64) < self.size
-    }
-}
-
-/// The copy-on-write state of one live disk: the savers of its open checkpoints.
-#[derive(Debug, Default)]
-pub struct DiskCow {
-    savers: Mutex<Vec<Arc<CowSaver>>>,
-}
-
-impl DiskCow {
-    pub fn add(&self, s: Arc<CowSaver>) {
-        self.savers.lock().push(s);
+    fn fail(&self, why: String) {
+        log::error!("checkpoint {} disk {}: {why}", self.point, self.disk);
+        self.state.lock().failed = Some(why);
     }
 
-    /// Stop saving for `s`. Its images report `CheckpointClosed` from now on: a reader that
-    /// checks under this lock after reading live bytes knows no unsaved block changed before.
-    pub fn remove(&self, s: &Arc<CowSaver>) {
-        let mut savers = self.savers.lock();
-        savers.retain(|x| !Arc::ptr_eq(x, s));
-        s.state.lock().closed = true;
-    }
-
-    fn lock(&self) -> MutexGuard<'_, Vec<Arc<CowSaver>>> {
-        self.savers.lock()
-    }
-
-    /// Save the old bytes of every block of `off..off+len` some open checkpoint still needs.
-    /// Called by `LiveDisk::write_at` before the data write, with the write gate shared.
-    pub fn before_write(&self, live: &File, size: u64, block_size: u32, off: u64, len: u64) {
-        if len == 0 {
-            return;
-        }
-        let savers = self.lock();
-        if savers.is_empty() {
-            return;
-        }
-        let bs = block_size as u64;
-        let mut old = Vec::new();
-        for b in off / bs..=(off + len - 1) / bs {
-            let need: Vec<&Arc<CowSaver>> = savers.iter().filter(|s| s.needs(b)).collect();
-            if need.is_empty() {
-                continue;
-            }
-            let start = b * bs;
-            let n = bs.min(size - start) as usize;
-            old.resize(n, 0);
-            match live.read_exact_at(&mut old, start) {
-                Ok(()) => need.iter().for_each(|s| s.save(b, &old)),
-                Err(e) => {
-                    for s in need {
-                        log::error!("checkpoint {}: reading block {b} failed: {e}", s.point);
-                        s.state.lock().failed = Some(format!("reading live block {b} failed: {e}"));
-                    }
-                }
-            }
-        }
+    fn close(&self) {
+        self.state.lock().closed = true;
     }
 }
 
@@ -247,7 +203,7 @@ impl ImageSource for CheckpointImage {
             .read_exact_at(&mut buf[..n], off)
             .map_err(Error::io("read", self.disk.image()))?;
         let saved: Vec<(u64, u64)> = {
-            let _g = self.disk.cow().lock();
+            let _g = self.disk.cow().hold();
             self.saver.usable()?;
             let st = self.saver.state.lock();
             st.slots
@@ -276,7 +232,7 @@ impl ImageSource for CheckpointImage {
         let bs = self.saver.block_size as u64;
         // Under the mutex an unsaved block equals the checkpoint's bytes, so a live hole
         // there is a hole of the checkpoint too.
-        let _g = self.disk.cow().lock();
+        let _g = self.disk.cow().hold();
         self.saver.usable()?;
         let live = crate::sys::seek_data_hole(self.disk.file().as_raw_fd(), off, false)
             .map_err(Error::io("seek", self.disk.image()))?;
@@ -301,7 +257,7 @@ impl ImageSource for CheckpointImage {
             return Ok(size);
         }
         let bs = self.saver.block_size as u64;
-        let _g = self.disk.cow().lock();
+        let _g = self.disk.cow().hold();
         self.saver.usable()?;
         let st = self.saver.state.lock();
         let mut pos = off;

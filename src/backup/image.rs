@@ -1,16 +1,16 @@
 //! Synthesized images: the bytes of a disk at a restorable point, read through the point's own
 //! block index (one lookup and one pread per block, at any chain depth: invariant 6), with
 //! every stored block checked against its CRC before a byte of it is returned (invariant 5).
-//! Holes read as zeros without I/O. Also the mount's view of points (`PointSource`).
+//! Holes read as zeros without I/O. (The mount's view of points, `PointSource`, is the
+//! engine's: it needs the open checkpoints too.)
 
 use std::sync::Arc;
 
-use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::format::{FormatError, crc};
-use crate::image::{ImageSource, PointEntry, PointList, PointSource};
+use crate::image::ImageSource;
 use crate::store::Store;
-use crate::store::records::{RefRecord, RefState};
+use crate::store::records::RefRecord;
 
 use super::index::BlockIndex;
 use super::pack::{OpenPack, PackCache};
@@ -164,47 +164,5 @@ impl ImageSource for PointImage {
 
     fn allocated_bytes(&self) -> u64 {
         (self.data_blocks * self.index.block_size as u64).min(self.index.disk_size)
-    }
-}
-
-/// The mount lists restorable points and open checkpoints, oldest first, and opens their
-/// disks. Checkpoints opened by a backup appear while that backup runs.
-impl PointSource for Engine {
-    fn points(&self) -> Result<PointList> {
-        let entry = |r: &RefRecord| PointEntry {
-            name: r.name.clone(),
-            id: r.id.clone(),
-            disks: r.disks.iter().map(|(d, p)| (d.clone(), p.size)).collect(),
-        };
-        let mut v: Vec<(u64, PointEntry)> = Vec::new();
-        let cps = self.backup.checkpoints();
-        for r in self.store().refs()? {
-            if r.state == RefState::Restorable && !cps.iter().any(|c| c.rec.name == r.name) {
-                v.push((r.serial, entry(&r)));
-            }
-        }
-        for c in cps {
-            v.push((c.rec.serial, entry(&c.rec)));
-        }
-        v.sort_by_key(|p| p.0);
-        Ok(v.into_iter().map(|(_, e)| e).collect())
-    }
-
-    fn open(&self, point: &str, id: &str, disk: &str) -> Result<Arc<dyn ImageSource>> {
-        // A backup commits its point before it closes its checkpoint: while both exist, the
-        // checkpoint's image is served, and it reports itself stale once closed.
-        if let Some(cp) = self.backup.checkpoint(point).filter(|c| c.rec.id == id) {
-            return Ok(Arc::new(cp.image(disk)?));
-        }
-        let rec = self.store().read_ref(point)?;
-        if rec.state != RefState::Restorable || rec.id != id {
-            return Err(Error::NoSuchRef(point.to_string()));
-        }
-        Ok(Arc::new(PointImage::open(
-            self.store(),
-            self.backup.packs.clone(),
-            &rec,
-            disk,
-        )?))
     }
 }

@@ -9,13 +9,12 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::format::{self, Kind};
 use crate::store::records::{RefRecord, RefState};
 use crate::store::{Store, atomic};
 
-use super::gc;
+use super::{Owner, gc};
 
 /// Do not modify the magic: identifies prune journals.
 pub const PRUNE_JOURNAL: Kind = Kind {
@@ -43,7 +42,7 @@ fn remove_if_same(store: &Store, name: &str, id: &str) -> Result<()> {
     }
 }
 
-/// Finish what an interrupted operation committed, demote checkpoints left by a dead engine,
+/// Finish what an interrupted operation committed, demote checkpoints left by a dead owner,
 /// and collect garbage if a collection is owed. Runs at engine open, with the store lock held.
 ///
 /// # Errors
@@ -105,17 +104,17 @@ pub fn recover(store: &Store) -> Result<()> {
 ///
 /// # Errors
 /// I/O failures writing records.
-pub fn demote_all(engine: &Engine) -> Result<()> {
-    let _op = engine.lock_ops();
-    for cp in engine.backup.checkpoints() {
-        demote_locked(engine, &cp.rec.name)?;
+pub fn demote_all(owner: &dyn Owner) -> Result<()> {
+    let _op = owner.lock_ops();
+    for cp in owner.backup_state().checkpoints() {
+        demote_locked(owner, &cp.rec.name)?;
     }
     Ok(())
 }
 
-fn demote_locked(engine: &Engine, name: &str) -> Result<RefRecord> {
-    let store = engine.store();
-    engine.backup.end_checkpoint(name);
+fn demote_locked(owner: &dyn Owner, name: &str) -> Result<RefRecord> {
+    let store = owner.store();
+    owner.backup_state().end_checkpoint(name);
     let rec = store.read_ref(name)?;
     if rec.state != RefState::Checkpoint {
         return Ok(rec);
@@ -135,16 +134,14 @@ fn demote_locked(engine: &Engine, name: &str) -> Result<RefRecord> {
 /// `ref demote NAME`: drop a checkpoint's saved data, leaving a plain point.
 ///
 /// # Errors
-/// `NoSuchRef`; `Refused` when the point is not an open checkpoint.
-pub fn demote(engine: &Engine, name: &str) -> Result<RefRecord> {
-    let _op = engine.lock_ops();
-    let rec = engine.store().read_ref(name)?;
+/// `NoSuchRef`; `NotACheckpoint` when the point is not an open checkpoint.
+pub fn demote(owner: &dyn Owner, name: &str) -> Result<RefRecord> {
+    let _op = owner.lock_ops();
+    let rec = owner.store().read_ref(name)?;
     if rec.state != RefState::Checkpoint {
-        return Err(Error::Refused(format!(
-            "reference point {name:?} is not a checkpoint"
-        )));
+        return Err(Error::NotACheckpoint(name.to_string()));
     }
-    demote_locked(engine, name)
+    demote_locked(owner, name)
 }
 
 /// `ref delete NAME`: remove the point (the record's removal is the commit point), then any
@@ -152,9 +149,9 @@ pub fn demote(engine: &Engine, name: &str) -> Result<RefRecord> {
 ///
 /// # Errors
 /// `NoSuchRef`; I/O failures (before the commit the point is intact).
-pub fn delete(engine: &Engine, name: &str) -> Result<RefRecord> {
-    let _op = engine.lock_ops();
-    let store = engine.store();
+pub fn delete(owner: &dyn Owner, name: &str) -> Result<RefRecord> {
+    let _op = owner.lock_ops();
+    let store = owner.store();
     let rec = store.read_ref(name)?;
     let has_data = rec.state == RefState::Restorable;
     if has_data {
@@ -162,12 +159,23 @@ pub fn delete(engine: &Engine, name: &str) -> Result<RefRecord> {
         gc::mark_pending(store)?;
     }
     store.remove_ref_record(name)?;
-    engine.backup.end_checkpoint(name);
+    owner.backup_state().end_checkpoint(name);
     if has_data {
-        gc::collect(store, Some(&engine.backup.packs))?;
+        gc::collect(store, Some(&owner.backup_state().packs))?;
         gc::clear_pending(store)?;
     }
     Ok(rec)
+}
+
+/// Remove a point record that does not decode, which keeps the engine from opening: the one
+/// way out. Takes the store lock itself; the point's backup data, if any, is collected at the
+/// next engine open.
+///
+/// # Errors
+/// `Locked` when the store is in use; I/O failures.
+pub fn delete_damaged_record(store: &Store, name: &str) -> Result<()> {
+    let _lock = crate::store::lock::StoreLock::try_acquire(store.root())?;
+    store.remove_ref_record(name)
 }
 
 /// What a prune did.
@@ -181,16 +189,16 @@ pub struct PruneReport {
 /// `prune --keep-last N`: delete every restorable point but the newest `keep`.
 ///
 /// # Errors
-/// `Refused` for `keep == 0`; I/O failures (before the journal is in place nothing changed;
+/// `BadArgument` for `keep == 0`; I/O failures (before the journal is in place nothing changed;
 /// after, the next engine open finishes the prune).
-pub fn prune(engine: &Engine, keep: u32) -> Result<PruneReport> {
+pub fn prune(owner: &dyn Owner, keep: u32) -> Result<PruneReport> {
     if keep == 0 {
-        return Err(Error::Refused(
+        return Err(Error::BadArgument(
             "--keep-last must be at least 1 (use `ref delete` to remove every point)".into(),
         ));
     }
-    let _op = engine.lock_ops();
-    let store = engine.store();
+    let _op = owner.lock_ops();
+    let store = owner.store();
     let restorable: Vec<RefRecord> = store
         .refs()?
         .into_iter()
@@ -218,7 +226,7 @@ pub fn prune(engine: &Engine, keep: u32) -> Result<PruneReport> {
         remove_if_same(store, name, id)?;
     }
     atomic::remove_durable(&jp)?;
-    let gc = gc::collect(store, Some(&engine.backup.packs))?;
+    let gc = gc::collect(store, Some(&owner.backup_state().packs))?;
     gc::clear_pending(store)?;
     report.freed_bytes = gc.bytes;
     Ok(report)

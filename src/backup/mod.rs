@@ -43,7 +43,7 @@ use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, MutexGuard};
 
 use crate::error::{Error, Result};
 use crate::live::LiveDisk;
@@ -186,7 +186,7 @@ impl EngineState {
     pub fn end_checkpoint(&self, name: &str) -> Option<Arc<Checkpoint>> {
         let cp = self.checkpoints.lock().remove(name)?;
         for (d, s) in cp.disks.values() {
-            d.cow().remove(s);
+            d.cow().remove(s.as_ref());
         }
         Some(cp)
     }
@@ -209,4 +209,37 @@ pub fn is_zero(b: &[u8]) -> bool {
         .into_iter()
         .all(|c| u128::from_ne_bytes(c.try_into().expect("16 bytes")) == 0)
         && tail.iter().all(|&x| x == 0)
+}
+
+/// What the backup operations need from the store's owner (the engine implements it): the
+/// store, the catalog lock, the open checkpoints, and a new point opened as a checkpoint. A
+/// trait so that `backup` sits below `engine` and never names it.
+pub trait Owner: Send + Sync {
+    fn store(&self) -> &Store;
+    fn backup_state(&self) -> &EngineState;
+    /// Serialises operations that change the catalog (points, disks, backups, prunes);
+    /// held across each multi-step operation here.
+    fn lock_ops(&self) -> MutexGuard<'_, ()>;
+    /// With the catalog lock held: create point `name` as an open checkpoint, without writing
+    /// its record (a backup writes it once its data is in place: its commit point).
+    ///
+    /// # Errors
+    /// A bad or existing name, an unavailable disk, I/O failures (then no point exists).
+    fn checkpoint_locked(&self, name: &str) -> Result<Arc<Checkpoint>>;
+}
+
+/// A shared owner (`Arc<Engine>`, as the daemon holds it) is an owner.
+impl<T: Owner + ?Sized> Owner for Arc<T> {
+    fn store(&self) -> &Store {
+        (**self).store()
+    }
+    fn backup_state(&self) -> &EngineState {
+        (**self).backup_state()
+    }
+    fn lock_ops(&self) -> MutexGuard<'_, ()> {
+        (**self).lock_ops()
+    }
+    fn checkpoint_locked(&self, name: &str) -> Result<Arc<Checkpoint>> {
+        (**self).checkpoint_locked(name)
+    }
 }

@@ -174,10 +174,7 @@ impl PackWriter {
         self.buf.resize(start + self.block_size, 0);
         let c = crc(&self.buf[start..]);
         let slot = self.slots;
-        self.slots = self
-            .slots
-            .checked_add(1)
-            .ok_or_else(|| Error::Refused("a pack holds at most 2^32 - 1 blocks".into()))?;
+        self.slots = self.slots.checked_add(1).ok_or(Error::PackFull)?;
         if self.buf.len() >= WRITE_BATCH {
             self.flush()?;
         }

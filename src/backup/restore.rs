@@ -110,11 +110,10 @@ pub fn restore(
     if let Ok(target) = std::fs::canonicalize(to) {
         for d in store.disks()? {
             if std::fs::canonicalize(&d.image).is_ok_and(|img| img == target) {
-                return Err(Error::Refused(format!(
-                    "{} is the live image of disk {}; restore to another path",
-                    to.display(),
-                    d.name
-                )));
+                return Err(Error::RestoreOverLive {
+                    path: to.to_path_buf(),
+                    disk: d.name,
+                });
             }
         }
     }

@@ -9,18 +9,17 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::image::ImageSource;
 use crate::store::now_unix;
-use crate::store::records::{BackupInfo, RefRecord, RefState};
+use crate::store::records::{BackupInfo, BackupKind, RefRecord, RefState};
 use crate::track::seqmap::BlockRun;
 
 use super::cow::{Checkpoint, CheckpointImage};
 use super::index::{BlockIndex, Entry};
 use super::pack::PackWriter;
 use super::progress::Progress;
-use super::{gc, is_zero, packs_dir};
+use super::{Owner, gc, is_zero, packs_dir};
 
 /// Blocks are read from the checkpoint in chunks of about this many bytes.
 const CHUNK: u64 = 4 << 20;
@@ -29,7 +28,7 @@ const CHUNK: u64 = 4 << 20;
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct DiskReport {
     pub disk: String,
-    pub kind: String,
+    pub kind: BackupKind,
     /// Blocks read from the checkpoint.
     pub scanned_blocks: u64,
     /// Non-zero blocks stored in the new pack.
@@ -53,7 +52,7 @@ pub struct BackupReport {
 /// A bad or existing name, a `since` that is not restorable, I/O failures (then no point
 /// named `name` exists and the store is as before, less unreferenced files later collected).
 pub fn backup(
-    engine: &Engine,
+    owner: &dyn Owner,
     name: &str,
     full: bool,
     since: Option<&str>,
@@ -61,12 +60,12 @@ pub fn backup(
 ) -> Result<BackupReport> {
     crate::names::validate(name)?;
     if full && since.is_some() {
-        return Err(Error::Refused(
+        return Err(Error::BadArgument(
             "--full and --since exclude each other".into(),
         ));
     }
-    let store = engine.store();
-    let _op = engine.lock_ops();
+    let store = owner.store();
+    let _op = owner.lock_ops();
     if store.ref_exists(name) {
         return Err(Error::RefExists(name.to_string()));
     }
@@ -86,21 +85,17 @@ pub fn backup(
     };
     super::ensure_dirs(store)?;
     gc::mark_pending(store)?;
-    engine.ref_create_locked(name, None, RefState::Checkpoint, false)?;
-    let cp = engine
-        .backup
-        .checkpoint(name)
-        .ok_or_else(|| Error::Refused(format!("checkpoint {name} vanished")))?;
-    let result = copy(engine, &cp, base.as_ref(), progress);
+    let cp = owner.checkpoint_locked(name)?;
+    let result = copy(owner, &cp, base.as_ref(), progress);
     // Demote: the copy is done (or failed); the saved blocks are no longer needed.
-    engine.backup.end_checkpoint(name);
+    owner.backup_state().end_checkpoint(name);
     match result {
         Ok(r) => {
             gc::clear_pending(store)?;
             Ok(r)
         }
         Err(e) => {
-            if let Err(g) = gc::collect(store, Some(&engine.backup.packs))
+            if let Err(g) = gc::collect(store, Some(&owner.backup_state().packs))
                 .and_then(|_| gc::clear_pending(store))
             {
                 log::warn!("cleaning up after a failed backup: {g}");
@@ -111,12 +106,12 @@ pub fn backup(
 }
 
 fn copy(
-    engine: &Engine,
+    owner: &dyn Owner,
     cp: &Checkpoint,
     base: Option<&RefRecord>,
     progress: &dyn Progress,
 ) -> Result<BackupReport> {
-    let store = engine.store();
+    let store = owner.store();
     let mut warnings = Vec::new();
     let mut disks = Vec::new();
     let mut any_incremental = false;
@@ -159,7 +154,7 @@ fn copy(
                 data_runs(&image, store.block_size())?,
             ),
         };
-        let (ix, report) = copy_disk(engine, name, &image, ix, &runs, incremental, progress)?;
+        let (ix, report) = copy_disk(owner, name, &image, ix, &runs, incremental, progress)?;
         super::write_index(store, &cp.rec.id, name, &ix)?;
         disks.push(report);
     }
@@ -168,11 +163,10 @@ fn copy(
         state: RefState::Restorable,
         backup: Some(BackupInfo {
             kind: if any_incremental {
-                "incremental"
+                BackupKind::Incremental
             } else {
-                "full"
-            }
-            .into(),
+                BackupKind::Full
+            },
             since: base.filter(|_| any_incremental).map(|b| b.name.clone()),
             stored_blocks: disks.iter().map(|d| d.stored_blocks).sum(),
             stored_bytes: disks.iter().map(|d| d.stored_bytes).sum(),
@@ -214,7 +208,7 @@ fn data_runs(image: &CheckpointImage, block_size: u32) -> Result<Vec<BlockRun>> 
 }
 
 fn copy_disk(
-    engine: &Engine,
+    owner: &dyn Owner,
     name: &str,
     image: &CheckpointImage,
     mut ix: BlockIndex,
@@ -222,7 +216,7 @@ fn copy_disk(
     incremental: bool,
     progress: &dyn Progress,
 ) -> Result<(BlockIndex, DiskReport)> {
-    let store = engine.store();
+    let store = owner.store();
     let bs = store.block_size() as u64;
     let size = image.size();
     let nblocks = ix.nblocks();
@@ -230,7 +224,11 @@ fn copy_disk(
     progress.start(name, total);
     let mut report = DiskReport {
         disk: name.to_string(),
-        kind: if incremental { "incremental" } else { "full" }.into(),
+        kind: if incremental {
+            BackupKind::Incremental
+        } else {
+            BackupKind::Full
+        },
         scanned_blocks: 0,
         stored_blocks: 0,
         stored_bytes: 0,
@@ -247,9 +245,10 @@ fn copy_disk(
             let len = (n * bs).min(size - off) as usize;
             let got = image.read_at(&mut buf[..len], off)?;
             if got != len {
-                return Err(Error::Refused(format!(
-                    "short read of checkpoint {name} at {off}"
-                )));
+                return Err(Error::ShortRead {
+                    what: format!("checkpoint {name}"),
+                    offset: off,
+                });
             }
             for i in 0..n {
                 let s = (i * bs) as usize;

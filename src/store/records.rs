@@ -41,11 +41,41 @@ pub struct RefDisk {
     pub size: u64,
 }
 
+/// Whether a backup copied every block or only those changed since a base point. Serialized
+/// as the words "full" and "incremental" (the text records and `--json` always had).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackupKind {
+    Full,
+    Incremental,
+}
+
+impl BackupKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackupKind::Full => "full",
+            BackupKind::Incremental => "incremental",
+        }
+    }
+}
+
+impl std::fmt::Display for BackupKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Compares with the word it serializes as (`kind == "full"`).
+impl PartialEq<&str> for BackupKind {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
 /// What a backup stored for a point.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BackupInfo {
-    /// "full" or "incremental".
-    pub kind: String,
+    pub kind: BackupKind,
     /// Name of the point an incremental was taken since.
     pub since: Option<String>,
     /// Blocks and bytes this backup copied into the store.

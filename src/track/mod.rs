@@ -19,6 +19,7 @@ pub mod seqmap;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
+use crate::format::FormatError;
 use crate::store::Store;
 use log::DirtyLog;
 use mapfile::{FLAG_OPEN, Identity, MapFile, MapHeader};
@@ -31,6 +32,29 @@ pub struct OpenReport {
     pub recovered_regions: u64,
     /// Set when tracking had to restart, saying why.
     pub lost: Option<String>,
+}
+
+/// Why tracking restarts: the state found at open (or while running) cannot vouch for every
+/// change since the last flush. Its text is what the map header records and what `status`
+/// and a failing `changes` show.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Restart {
+    #[error("tracking state is missing")]
+    MapMissing,
+    #[error("tracking state is damaged ({0})")]
+    MapDamaged(FormatError),
+    #[error("dirty-region log is missing")]
+    LogMissing,
+    #[error("dirty-region log is damaged ({0})")]
+    LogDamaged(FormatError),
+    #[error("tracking state is damaged ({0} region(s) fail their checksum)")]
+    PagesDamaged(usize),
+    #[error("the image file was replaced outside vmref")]
+    ImageReplaced,
+    #[error("the image was resized outside vmref ({from} -> {to} bytes)")]
+    ImageResized { from: u64, to: u64 },
+    #[error("the image was modified outside the mount")]
+    ImageModified,
 }
 
 #[derive(Debug)]
@@ -109,13 +133,11 @@ impl Tracker {
         let loaded = if map_path.exists() {
             match MapFile::open(&map_path) {
                 Ok(l) => Ok(l),
-                Err(Error::Format { source, .. }) => {
-                    Err(format!("tracking state is damaged ({source})"))
-                }
+                Err(Error::Format { source, .. }) => Err(Restart::MapDamaged(source)),
                 Err(e) => return Err(e),
             }
         } else {
-            Err("tracking state is missing".to_string())
+            Err(Restart::MapMissing)
         };
         let mut loaded = match loaded {
             Ok(l) => l,
@@ -127,17 +149,11 @@ impl Tracker {
             Ok(x) => x,
             Err(Error::Format { source, .. }) => {
                 let cur = loaded.header.current_seq.max(seq_floor);
-                return Self::restart(
-                    store,
-                    name,
-                    id,
-                    cur,
-                    format!("dirty-region log is damaged ({source})"),
-                );
+                return Self::restart(store, name, id, cur, Restart::LogDamaged(source));
             }
             Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
                 let cur = loaded.header.current_seq.max(seq_floor);
-                return Self::restart(store, name, id, cur, "dirty-region log is missing".into());
+                return Self::restart(store, name, id, cur, Restart::LogMissing);
             }
             Err(e) => return Err(e),
         };
@@ -152,19 +168,16 @@ impl Tracker {
         // Times count only when they moved forward: identities are recorded at flushes that do
         // not sync the image, so after a power loss the inode's times may be older, never newer.
         let reason = if !unexplained.is_empty() {
-            Some(format!(
-                "tracking state is damaged ({} region(s) fail their checksum)",
-                unexplained.len()
-            ))
+            Some(Restart::PagesDamaged(unexplained.len()))
         } else if old.dev != id.dev || old.ino != id.ino {
-            Some("the image file was replaced outside vmref".to_string())
+            Some(Restart::ImageReplaced)
         } else if old.size != id.size {
-            Some(format!(
-                "the image was resized outside vmref ({} -> {} bytes)",
-                old.size, id.size
-            ))
+            Some(Restart::ImageResized {
+                from: old.size,
+                to: id.size,
+            })
         } else if marked.is_empty() && (id.mtime_ns > old.mtime_ns || id.ctime_ns > old.ctime_ns) {
-            Some("the image was modified outside the mount".to_string())
+            Some(Restart::ImageModified)
         } else {
             None
         };
@@ -204,8 +217,9 @@ impl Tracker {
         name: &str,
         id: Identity,
         cur: u32,
-        reason: String,
+        reason: Restart,
     ) -> Result<Tracker> {
+        let reason = reason.to_string();
         // Info, not a warning: the loss is reported where it matters (changes since an older
         // point fail naming the reason, status shows it), and a failing command must print
         // exactly one line on stderr.
@@ -312,14 +326,15 @@ impl Tracker {
     fn check_outside_write(&mut self, id: Identity) -> Result<()> {
         let old = self.committed.identity;
         if self.marked.is_empty() && (id.mtime_ns > old.mtime_ns || id.ctime_ns > old.ctime_ns) {
-            self.restart_in_place(id, "the image was modified outside the mount")?;
+            self.restart_in_place(id, Restart::ImageModified)?;
         }
         Ok(())
     }
 
     /// Restart tracking while running (see `open` for the same at start): forget every stamp,
     /// and record that changes before the current number are unknown, and why.
-    fn restart_in_place(&mut self, id: Identity, reason: &str) -> Result<()> {
+    fn restart_in_place(&mut self, id: Identity, reason: Restart) -> Result<()> {
+        let reason = &reason.to_string();
         ::log::info!("disk {}: change tracking restarts: {reason}", self.name);
         let mut header = fresh_header(self.header.block_size, id, self.header.current_seq, reason);
         // The geometry stays that of the running disk; the identity keeps its size too, so a

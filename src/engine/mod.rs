@@ -7,13 +7,17 @@
 //! after every disk's tracker has durably moved past the number it records; a crash before
 //! that leaves only an unused number behind.
 
+mod points;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use parking_lot::{Mutex, MutexGuard, RwLock};
+use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 
+use crate::backup::cow::Checkpoint;
+use crate::backup::{self, EngineState};
 use crate::error::{Error, Result};
 use crate::live::{LiveDisk, open_image};
 use crate::names;
@@ -35,7 +39,7 @@ pub struct Engine {
     ops: Mutex<()>,
     closed: Mutex<bool>,
     /// Open checkpoints and open packs (see `backup`).
-    pub(crate) backup: crate::backup::EngineState,
+    backup: EngineState,
 }
 
 /// Changed extents of one disk.
@@ -71,10 +75,7 @@ impl Engine {
     /// gone or unusable does not fail the open: that disk is unavailable (see `disk`).
     pub fn open(store: Store) -> Result<Engine> {
         let lock = StoreLock::try_acquire(store.root())?;
-        store.sweep();
-        // Finish or undo what a crashed backup, prune or delete left, demote checkpoints
-        // (their copy-on-write data died with the process).
-        crate::backup::manage::recover(&store)?;
+        recover(&store)?;
         let refs = store.refs()?;
         let mut disks = BTreeMap::new();
         let mut unavailable = BTreeMap::new();
@@ -91,7 +92,7 @@ impl Engine {
             }
         }
         Ok(Engine {
-            backup: crate::backup::EngineState::new(&store),
+            backup: EngineState::new(&store),
             store,
             _lock: lock,
             disks: RwLock::new(disks),
@@ -198,10 +199,10 @@ impl Engine {
                 .into_iter()
                 .find(|c| c.disks.contains_key(name))
             {
-                return Err(Error::Refused(format!(
-                    "disk {name} is in open checkpoint {}; `vmref ref demote {}` first",
-                    cp.rec.name, cp.rec.name
-                )));
+                return Err(Error::DiskInCheckpoint {
+                    disk: name.to_string(),
+                    point: cp.rec.name.clone(),
+                });
             }
             disk.close()?;
             disk.mark_removed();
@@ -225,24 +226,20 @@ impl Engine {
         state: RefState,
     ) -> Result<RefRecord> {
         let _op = self.ops.lock();
-        self.ref_create_locked(name, owner, state, true)
-    }
-
-    /// Hold the catalog lock (for operations in `backup` that span several steps).
-    pub(crate) fn lock_ops(&self) -> MutexGuard<'_, ()> {
-        self.ops.lock()
+        Ok(self.create_locked(name, owner, state, true)?.0)
     }
 
     /// `ref_create` with the catalog lock already held. A `Checkpoint` starts copy-on-write
-    /// while writers are still quiesced. With `persist` false the record is not written
-    /// (a backup writes it once its data is in place: that rename is its commit point).
-    pub(crate) fn ref_create_locked(
+    /// while writers are still quiesced, and is returned. With `persist` false the record is
+    /// not written (a backup writes it once its data is in place: that rename is its commit
+    /// point).
+    fn create_locked(
         &self,
         name: &str,
         owner: Option<&str>,
         state: RefState,
         persist: bool,
-    ) -> Result<RefRecord> {
+    ) -> Result<(RefRecord, Option<Arc<Checkpoint>>)> {
         names::validate(name)?;
         if let Some(o) = owner {
             validate_owner(o)?;
@@ -283,15 +280,18 @@ impl Engine {
             disks: points,
             backup: None,
         };
-        if state == RefState::Checkpoint {
-            self.backup.begin_checkpoint(&self.store, &rec, &disks)?;
-        }
+        let cp = match state {
+            RefState::Checkpoint => {
+                Some(self.backup.begin_checkpoint(&self.store, &rec, &disks)?)
+            }
+            _ => None,
+        };
         if persist && let Err(e) = self.store.write_ref(&rec) {
             self.backup.end_checkpoint(name);
             return Err(e);
         }
         drop(guards);
-        Ok(rec)
+        Ok((rec, cp))
     }
 
     /// Delete a metadata-only point. (`control` deletes through `backup::manage::delete`, which
@@ -370,7 +370,7 @@ impl Engine {
             return Ok(());
         }
         // Checkpoints live only as long as the engine: record them as plain points.
-        crate::backup::manage::demote_all(self)?;
+        backup::manage::demote_all(self)?;
         for d in self.disks() {
             d.close()?;
         }
@@ -394,6 +394,16 @@ impl Drop for Engine {
             log::error!("closing the store: {e}");
         }
     }
+}
+
+/// Bring a store whose owner died back to a consistent state, with its lock held: the one
+/// place recovery runs from at open. Stale temporary files go, then `backup` finishes or
+/// undoes what a crashed backup, prune or delete left and demotes checkpoints (their
+/// copy-on-write data died with the process). Tracking state recovers per disk as each
+/// tracker opens.
+fn recover(store: &Store) -> Result<()> {
+    store.sweep();
+    backup::manage::recover(store)
 }
 
 /// Owners are matched exactly by `ref list --owner` and printed in listings, so they keep to

@@ -7,9 +7,11 @@
 //! wait. The tracker sits behind its own short mutex: stamping is a few memory stores, and the
 //! data I/O happens with no lock but the shared gate held.
 //!
-//! Copy-on-write for open checkpoints (`backup::cow`): after stamping and before the data
-//! write, the first write to each block since a checkpoint saves the block's old bytes, under
-//! the disk's copy-on-write mutex (a no-op when no checkpoint is open).
+//! Copy-on-write (`cow`): after stamping and before the data write, the first write to each
+//! block since a saver (an open checkpoint) registered hands the block's old bytes to it,
+//! under the disk's copy-on-write mutex (a no-op when no saver is registered).
+
+pub mod cow;
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -18,9 +20,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use parking_lot::{Mutex, RwLock, RwLockWriteGuard};
 
-use crate::backup::cow::DiskCow;
 use crate::error::{Error, Result};
 use crate::track::{Tracker, mapfile::Identity};
+use cow::DiskCow;
 
 #[derive(Debug)]
 pub struct LiveDisk {
@@ -89,7 +91,7 @@ impl LiveDisk {
     pub fn tracker(&self) -> parking_lot::MutexGuard<'_, Tracker> {
         self.tracker.lock()
     }
-    /// Copy-on-write state of the checkpoints open on this disk.
+    /// The copy-on-write hook of this disk's writes.
     pub fn cow(&self) -> &DiskCow {
         &self.cow
     }

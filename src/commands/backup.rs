@@ -1,0 +1,105 @@
+//! `backup`, `restore`, `verify`, `prune`.
+
+use std::io::Write;
+use std::path::Path;
+
+use super::{Ctx, human};
+use crate::control;
+use crate::error::{Error, Result};
+
+pub(super) fn backup(
+    cx: &mut Ctx<'_, impl Write>,
+    name: &str,
+    full: bool,
+    since: Option<&str>,
+    json: bool,
+) -> Result<()> {
+    let s = cx.open_store()?;
+    let r = control::backup(&s, name, full, since, cx.progress)?;
+    for w in &r.warnings {
+        eprintln!("vmref: warning: {w}");
+    }
+    if json {
+        return cx.print_json(&r);
+    }
+    let b = r.point.backup.as_ref();
+    cx.emit(format!(
+        "backup {}: {}{}, {} blocks stored ({})",
+        r.point.name,
+        b.map(|b| b.kind.as_str()).unwrap_or("?"),
+        b.and_then(|b| b.since.as_ref())
+            .map(|s| format!(" since {s}"))
+            .unwrap_or_default(),
+        b.map(|b| b.stored_blocks).unwrap_or(0),
+        human(b.map(|b| b.stored_bytes).unwrap_or(0)),
+    ))
+}
+
+pub(super) fn restore(
+    cx: &mut Ctx<'_, impl Write>,
+    point: &str,
+    disk: &str,
+    to: &Path,
+    force: bool,
+) -> Result<()> {
+    let s = cx.open_store()?;
+    let r = control::restore(&s, point, disk, to, force, cx.progress)?;
+    cx.emit(format!(
+        "restored {} disk {} to {} ({}, {} of data)",
+        r.point,
+        r.disk,
+        to.display(),
+        human(r.size),
+        human(r.data_bytes)
+    ))
+}
+
+pub(super) fn verify(cx: &mut Ctx<'_, impl Write>, point: Option<&str>, json: bool) -> Result<()> {
+    let s = cx.open_store()?;
+    let r = control::verify(&s, point, cx.progress)?;
+    if json {
+        cx.print_json(&r)?;
+    } else {
+        for d in &r.damaged {
+            let at = d.block.map(|b| format!(" block {b}")).unwrap_or_default();
+            cx.emit(format!(
+                "damaged: point {} disk {}{at}: {}",
+                d.point, d.disk, d.what
+            ))?;
+        }
+        cx.emit(format!(
+            "checked {} stored blocks ({}) of {} point(s): {}",
+            r.checked_blocks,
+            human(r.checked_bytes),
+            r.points.len(),
+            if r.damaged.is_empty() {
+                "all good".to_string()
+            } else {
+                format!("{} damaged", r.damaged.len())
+            }
+        ))?;
+    }
+    if r.damaged.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::VerifyFailed(r.damaged.len() as u64))
+    }
+}
+
+pub(super) fn prune(cx: &mut Ctx<'_, impl Write>, keep_last: u32) -> Result<()> {
+    let s = cx.open_store()?;
+    let r = control::prune(&s, keep_last)?;
+    if r.deleted.is_empty() {
+        return cx.emit(format!(
+            "nothing to prune ({} restorable point(s))",
+            r.kept.len()
+        ));
+    }
+    cx.emit(format!(
+        "pruned {} point(s) ({}), kept {}, freed {}",
+        r.deleted.len(),
+        r.deleted.join(", "),
+        r.kept.len(),
+        human(r.freed_bytes)
+    ))
+}
