@@ -108,6 +108,9 @@ pub enum Error {
     /// first; the library checks again for its other callers).
     #[error("{0}")]
     BadArgument(String),
+    /// A caller broke a library contract (e.g. map changes out of order): a bug, not damage.
+    #[error("internal error: {0}")]
+    Internal(String),
     /// A checkpoint's image read after the checkpoint was demoted or its backup committed.
     #[error("checkpoint {0:?} is closed: its copy-on-write data is gone")]
     CheckpointClosed(String),
@@ -219,7 +222,7 @@ impl Error {
             Error::PackFull => libc::EFBIG,
             Error::VerifyFailed(_) => libc::EIO,
             Error::Daemon(_) | Error::Protocol { .. } => libc::EPROTO,
-            Error::Mount(_) => libc::EIO,
+            Error::Mount(_) | Error::Internal(_) => libc::EIO,
             Error::Fs { kind, .. } => match kind {
                 FsKind::NotFound => libc::ENOENT,
                 FsKind::ReadOnly => libc::EROFS,

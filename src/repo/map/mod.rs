@@ -149,7 +149,7 @@ fn store_node<S: BlobStore + ?Sized>(
 }
 
 fn misuse(why: String) -> Error {
-    Error::Refused(format!("point map: {why}"))
+    Error::Internal(format!("point map: {why}"))
 }
 
 /// Builds the map of a whole disk from its block hashes in increasing block order, holding
