@@ -11,6 +11,7 @@
 //!   local repository from an object store, and tests use `MemBlobStore`.
 //! - the repository's own modules below implement it over a backend of named objects.
 
+pub mod backend;
 pub mod compress;
 
 use std::collections::HashMap;
