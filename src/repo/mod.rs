@@ -13,6 +13,7 @@
 
 pub mod backend;
 pub mod compress;
+pub mod index;
 pub mod pack;
 
 use std::collections::HashMap;
