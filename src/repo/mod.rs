@@ -13,8 +13,10 @@
 
 pub mod backend;
 pub mod compress;
+pub mod gc;
 pub mod index;
 pub mod pack;
+pub mod repository;
 
 use std::collections::HashMap;
 use std::fmt;
