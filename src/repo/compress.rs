@@ -201,15 +201,36 @@ mod tests {
     #[test]
     #[ignore]
     fn speed() {
-        let blocks = 512; // 32 MiB per case
+        let blocks: usize = 512; // 32 MiB per case
+        // Real files of this machine, as a disk holds them (programs and libraries).
+        let mut files = Vec::new();
+        for dir in ["/usr/bin", "/usr/lib/x86_64-linux-gnu", "/usr/share/doc"] {
+            for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                if files.len() >= blocks * 65536 {
+                    break;
+                }
+                if let Ok(b) = std::fs::read(e.path()) {
+                    files.extend_from_slice(&b);
+                }
+            }
+        }
+        files.resize(blocks * 65536, 0);
         for (what, data) in [
             (
+                "files",
+                files.chunks(65536).map(<[u8]>::to_vec).collect::<Vec<_>>(),
+            ),
+            (
                 "text-like",
-                (0..blocks).map(|i| text_like(i, 65536)).collect::<Vec<_>>(),
+                (0..blocks)
+                    .map(|i| text_like(i as u64, 65536))
+                    .collect::<Vec<_>>(),
             ),
             (
                 "random",
-                (0..blocks).map(|i| random(i, 65536)).collect::<Vec<_>>(),
+                (0..blocks)
+                    .map(|i| random(i as u64, 65536))
+                    .collect::<Vec<_>>(),
             ),
         ] {
             for level in [1, 3] {
