@@ -25,6 +25,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use parking_lot::RwLockWriteGuard;
+
 use crate::error::{Error, Result};
 use crate::repo::Hash;
 use crate::repo::backend::Backend;
@@ -91,7 +93,12 @@ impl GcReport {
 }
 
 /// Live marks over a snapshot of the repository's index objects: a bit per entry.
-pub struct Marker {
+///
+/// While a marker exists, puts to its repository wait: a put during marking could skip
+/// storing a blob because a pack that the collection is about to delete holds it. (So the
+/// thread that marks must not put.)
+pub struct Marker<'r> {
+    _excl: RwLockWriteGuard<'r, ()>,
     backend: Arc<dyn Backend>,
     set: Arc<IndexSet>,
     bits: Vec<Vec<u64>>,
@@ -99,7 +106,7 @@ pub struct Marker {
     missing: u64,
 }
 
-impl Marker {
+impl Marker<'_> {
     /// Mark blob `h` live. Returns false when the repository does not hold it.
     ///
     /// # Errors
@@ -160,7 +167,8 @@ impl Repository {
     ///
     /// # Errors
     /// A failed flush.
-    pub fn gc_marker(&self) -> Result<Marker> {
+    pub fn gc_marker(&self) -> Result<Marker<'_>> {
+        let excl = self.gc_lock.write();
         self.flush()?;
         let set = self.index.read().clone();
         let bits = set
@@ -169,6 +177,7 @@ impl Repository {
             .map(|f| vec![0u64; f.count().div_ceil(64) as usize])
             .collect();
         Ok(Marker {
+            _excl: excl,
             backend: self.backend.clone(),
             set,
             bits,
@@ -182,8 +191,7 @@ impl Repository {
     /// # Errors
     /// I/O failures or damage met on the way (the repository then holds at worst garbage),
     /// and a repository that changed since the marker was made.
-    pub fn collect(&self, marker: Marker, opts: &GcOptions) -> Result<GcReport> {
-        let _excl = self.gc_lock.write();
+    pub fn collect(&self, marker: Marker<'_>, opts: &GcOptions) -> Result<GcReport> {
         let backend = &*self.backend;
         let mut rep = GcReport {
             live_blobs: marker.live,

@@ -406,3 +406,28 @@ fn reader_follows_compaction_by_another_handle() {
         );
     }
 }
+
+#[test]
+fn a_put_during_collection_waits_and_is_not_lost() {
+    let (b, live, dead) = gc_fixture();
+    let r = Repository::open(b.clone()).unwrap();
+    let (n, h) = dead[dead.len() - 1]; // in a pack the collection deletes
+    let mut m = r.gc_marker().unwrap();
+    for (_, h) in &live {
+        m.mark(h).unwrap();
+    }
+    std::thread::scope(|s| {
+        let t = s.spawn(|| {
+            // Without the wait this put would dedup against the doomed copy.
+            let got = r.put(BlobKind::Data, &random(n as u64, 2000)).unwrap();
+            r.flush().unwrap();
+            got
+        });
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        r.collect(m, &GcOptions::default()).unwrap();
+        assert_eq!(t.join().unwrap(), h);
+    });
+    let r = Repository::open(b.clone()).unwrap();
+    assert_eq!(r.get(BlobKind::Data, &h).unwrap(), random(n as u64, 2000));
+    check_live(&b, &live);
+}
