@@ -16,6 +16,7 @@ pub mod compress;
 pub mod gc;
 pub mod index;
 pub mod pack;
+pub mod repair;
 pub mod repository;
 
 use std::collections::HashMap;

@@ -13,7 +13,9 @@
 //! ```
 //! Entries are in offset order and the blobs they name tile the data area exactly.
 
+use crate::error::{Error, Result};
 use crate::format::{FormatError, check_magic, crc, le_u16, le_u32, le_u64};
+use crate::repo::backend::Backend;
 use crate::repo::compress::Codec;
 use crate::repo::{BlobKind, Hash};
 
@@ -265,6 +267,30 @@ pub fn decode_pack(b: &[u8]) -> Result<Vec<PackEntry>, FormatError> {
     Ok(entries)
 }
 
+/// Read a stored pack's table with ranged gets (footer, then table), without its blobs.
+///
+/// # Errors
+/// A missing or damaged pack.
+pub fn read_table(backend: &dyn Backend, id: PackId) -> Result<Vec<PackEntry>> {
+    let name = id.object_name();
+    let err = |source| Error::Format {
+        path: format!("repository object {name}").into(),
+        source,
+    };
+    let size = backend.size(&name)?;
+    if size < (PACK_HEADER_LEN + PACK_FOOTER_LEN) as u64 {
+        return Err(err(FormatError::Truncated {
+            got: size as usize,
+            need: PACK_HEADER_LEN + PACK_FOOTER_LEN,
+        }));
+    }
+    check_header(&backend.get_range(&name, 0, PACK_HEADER_LEN)?).map_err(err)?;
+    let footer = backend.get_range(&name, size - PACK_FOOTER_LEN as u64, PACK_FOOTER_LEN)?;
+    let (off, len) = table_range(size, decode_footer(&footer).map_err(err)?).map_err(err)?;
+    let table = backend.get_range(&name, off, len)?;
+    decode_table(&table, &footer, off).map_err(err)
+}
+
 /// Builds one pack in memory (a pack is written as one object, also on an object store).
 pub struct PackWriter {
     buf: Vec<u8>,
@@ -406,6 +432,20 @@ mod tests {
             c[i / 8] ^= 1 << (i % 8);
             assert!(decode_pack(&c).is_err(), "bit {i}");
         }
+    }
+
+    #[test]
+    fn table_reads_with_ranged_gets() {
+        let (b, entries) = sample();
+        let m = crate::repo::backend::MemBackend::new();
+        let id = PackId::random();
+        m.put_if_absent(&id.object_name(), &b).unwrap();
+        assert_eq!(read_table(&m, id).unwrap(), entries);
+        for n in 0..b.len() {
+            m.overwrite(&id.object_name(), b[..n].to_vec());
+            assert!(read_table(&m, id).is_err(), "len {n}");
+        }
+        assert!(read_table(&m, PackId::random()).is_err());
     }
 
     #[test]
