@@ -2,6 +2,9 @@
 //! `/`-separated parts (`config`, `packs/ab/<hex>`, `index/<seq>-<hex>`,
 //! `snapshots/<store-id>/<id>`), is written once and never changed, only deleted.
 //!
+//! A name is never reused for other bytes (packs and index objects have random names, the
+//! config is never deleted): readers may cache open handles by name.
+//!
 //! Invariants every backend keeps:
 //! - `put_if_absent` is durable when it returns and never replaces an existing object: the
 //!   object is there whole or not at all after any crash.

@@ -6,11 +6,13 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use crate::error::Result;
 use crate::repo::backend::{Backend, is_missing};
 use crate::repo::index::{self, INDEX_PREFIX, IndexEntry, IndexFile, IndexSet};
 use crate::repo::pack::{self, PackId};
+use crate::repo::repository::Repository;
 
 /// Index objects are written every this many entries while packs are read, so memory stays
 /// bounded; they are merged into one at the end.
@@ -104,12 +106,38 @@ pub fn rebuild_index(backend: &Arc<dyn Backend>) -> Result<RebuildReport> {
     Ok(rep)
 }
 
+impl Repository {
+    /// Fold all index objects into one when there are more than `max_objects` (every flush
+    /// adds one, and a lookup that misses reads a bucket of each). Returns how many objects
+    /// were merged (0 when there were few enough). Crash-safe: the merged object is written
+    /// before the others are deleted.
+    ///
+    /// # Errors
+    /// A damaged index object; I/O failures.
+    pub fn merge_index(&self, max_objects: usize) -> Result<usize> {
+        let _excl = self.gc_lock.write();
+        self.flush()?;
+        let set = self.index.read().clone();
+        let n = set.files().len();
+        if n <= max_objects.max(1) {
+            return Ok(0);
+        }
+        let name = index::index_name(self.next_seq.fetch_add(1, Ordering::Relaxed));
+        index::merge(&*self.backend, &set, &HashSet::new(), &name)?;
+        for f in set.files() {
+            self.backend.delete(&f.name)?;
+        }
+        self.refresh()?;
+        Ok(n)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::repo::backend::MemBackend;
     use crate::repo::compress::Compression;
-    use crate::repo::repository::{RepoOptions, Repository};
+    use crate::repo::repository::RepoOptions;
     use crate::repo::{BlobKind, BlobStore};
 
     #[test]
@@ -159,5 +187,27 @@ mod tests {
         let rep = rebuild_index(&be).unwrap();
         assert_eq!(rep.bad_packs, vec![p]);
         assert!(rep.blobs < 60 && rep.blobs > 0);
+    }
+
+    #[test]
+    fn many_index_objects_merge_into_one() {
+        let b = Arc::new(MemBackend::new());
+        let r = Repository::init(b.clone(), RepoOptions::default()).unwrap();
+        let hs: Vec<_> = (0..10u32)
+            .map(|i| {
+                let h = r.put(BlobKind::Map, &i.to_le_bytes()).unwrap();
+                r.flush().unwrap();
+                h
+            })
+            .collect();
+        assert_eq!(b.list("index/").unwrap().len(), 10);
+        assert_eq!(r.merge_index(16).unwrap(), 0);
+        assert_eq!(r.merge_index(4).unwrap(), 10);
+        assert_eq!(b.list("index/").unwrap().len(), 1);
+        for (i, h) in hs.iter().enumerate() {
+            assert_eq!(r.get(BlobKind::Map, h).unwrap(), (i as u32).to_le_bytes());
+        }
+        let st = r.stats().unwrap();
+        assert_eq!((st.blobs, st.index_objects), (10, 1));
     }
 }

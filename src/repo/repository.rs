@@ -35,7 +35,7 @@ pub const REPO_CONFIG: Kind = Kind {
 pub const CONFIG_NAME: &str = "config";
 /// After this many blobs put without a flush, an index object is written anyway, so memory
 /// for pending blobs stays bounded during a long full backup.
-pub const DEFAULT_INDEX_BATCH: usize = 1 << 18;
+pub const DEFAULT_INDEX_BATCH: usize = 1 << 17;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct ConfigRecord {
