@@ -539,3 +539,75 @@ mod model {
         }
     }
 }
+
+/// Put and get speed on a local repository: `cargo test --release --lib
+/// repo::repository::tests::throughput -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn throughput() {
+    let d =
+        tempfile::tempdir_in(std::env::var("VMREF_BENCH_DIR").unwrap_or("/tmp".into())).unwrap();
+    // 128 MiB of 64 KiB blocks of real files of this machine (programs, libraries, docs).
+    let mut files = Vec::new();
+    for dir in ["/usr/bin", "/usr/lib/x86_64-linux-gnu", "/usr/share/doc"] {
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            if files.len() >= 128 << 20 {
+                break;
+            }
+            if let Ok(b) = std::fs::read(e.path()) {
+                files.extend_from_slice(&b);
+            }
+        }
+    }
+    files.resize(128 << 20, 0);
+    let data: Vec<&[u8]> = files.chunks(65536).collect();
+    let hashes: Vec<Hash> = data.iter().map(|b| Hash::of(b)).collect();
+    let blocks = data.len() as u32;
+    for compression in [
+        Compression::None,
+        Compression::Zstd { level: 1 },
+        Compression::Zstd { level: 3 },
+    ] {
+        let sub: Arc<dyn Backend> =
+            Arc::new(LocalBackend::new(&d.path().join(compression.to_string())).unwrap());
+        let r = Arc::new(
+            Repository::init(
+                sub,
+                RepoOptions {
+                    compression,
+                    pack_target: 16 << 20,
+                },
+            )
+            .unwrap(),
+        );
+        let data = &data;
+        let t = std::time::Instant::now();
+        std::thread::scope(|s| {
+            for th in 0..2u32 {
+                let r = r.clone();
+                s.spawn(move || {
+                    for i in (th..blocks).step_by(2) {
+                        r.put(BlobKind::Data, data[i as usize]).unwrap();
+                    }
+                });
+            }
+        });
+        r.flush().unwrap();
+        let put = t.elapsed().as_secs_f64();
+        let t = std::time::Instant::now();
+        let mut n = 0usize;
+        for h in &hashes {
+            n += r.get(BlobKind::Data, h).unwrap().len();
+        }
+        let get = t.elapsed().as_secs_f64();
+        let st = r.stats().unwrap();
+        let mb = n as f64 / 1e6;
+        println!(
+            "{compression:7}: put {:6.0} MB/s (2 threads, incl. hashing and flush), get {:6.0} MB/s (1 thread, page cache warm), stored/raw {:.3}, index {} B",
+            mb / put,
+            mb / get,
+            st.stored_bytes as f64 / st.raw_bytes as f64,
+            st.index_bytes
+        );
+    }
+}
