@@ -216,7 +216,7 @@ impl Repository {
         Ok(())
     }
 
-    fn lookup(&self, h: &Hash) -> Result<Option<IndexEntry>> {
+    pub(super) fn lookup(&self, h: &Hash) -> Result<Option<IndexEntry>> {
         let set = self.index.read().clone();
         Ok(set.lookup(&*self.backend, h)?.map(|f| f.entry))
     }
@@ -328,7 +328,7 @@ impl Repository {
         Ok(raw)
     }
 
-    fn read_from_pack(&self, e: &IndexEntry, kind: BlobKind) -> Result<Vec<u8>> {
+    pub(super) fn read_from_pack(&self, e: &IndexEntry, kind: BlobKind) -> Result<Vec<u8>> {
         let stored = self.backend.get_range(
             &e.pack.object_name(),
             e.entry.offset,
