@@ -889,4 +889,65 @@ mod tests {
             "{e}"
         );
     }
+
+    /// Scale: an index of 2 million blobs (128 GiB of 64 KiB blocks) on a local backend:
+    /// `cargo test --release --lib repo::index::tests::scale -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn scale() {
+        use crate::repo::backend::LocalBackend;
+        let d = tempfile::tempdir().unwrap();
+        let b = LocalBackend::new(d.path()).unwrap();
+        let n = 2_000_000u32;
+        let t = std::time::Instant::now();
+        let mut es: Vec<IndexEntry> = (0..n)
+            .map(|i| entry(i, PackId([(i / 256) as u8; 16])))
+            .collect();
+        es.sort_by_key(|e| e.entry.hash);
+        let name = index_name(1);
+        b.put_stream(&name, &mut |out| {
+            let mut w = IndexWriter::new(out)?;
+            for e in &es {
+                w.push(e)?;
+            }
+            w.finish().map(|_| ())
+        })
+        .unwrap();
+        let write = t.elapsed();
+        drop(es);
+        let t = std::time::Instant::now();
+        let set = IndexSet::load(&b).unwrap();
+        let open = t.elapsed();
+        let f = &set.files()[0];
+        let t = std::time::Instant::now();
+        let k = 100_000u32;
+        for i in 0..k {
+            let h = entry(i.wrapping_mul(7919) % n, PackId([0; 16]));
+            assert!(set.lookup(&b, h.hash()).unwrap().is_some());
+        }
+        let hit = t.elapsed();
+        let t = std::time::Instant::now();
+        for i in 0..k {
+            assert!(
+                set.lookup(&b, &Hash::of(format!("miss {i}").as_bytes()))
+                    .unwrap()
+                    .is_none()
+            );
+        }
+        let miss = t.elapsed();
+        let t = std::time::Instant::now();
+        merge(&b, &set, &HashSet::new(), &index_name(2)).unwrap();
+        let merged = t.elapsed();
+        println!(
+            "{n} entries: object {} MiB, written in {write:.2?}, opened in {open:.2?} \
+             (fanout 2^{} = {} KiB and {} pack ids in memory), lookup hit {:.1} us, \
+             miss {:.1} us, merged in {merged:.2?}",
+            f.size >> 20,
+            f.bits,
+            f.fanout.len() * 4 / 1024,
+            f.packs().len(),
+            hit.as_secs_f64() * 1e6 / k as f64,
+            miss.as_secs_f64() * 1e6 / k as f64,
+        );
+    }
 }
