@@ -11,6 +11,14 @@
 //!   local repository from an object store, and tests use `MemBlobStore`.
 //! - the repository's own modules below implement it over a backend of named objects.
 
+pub mod backend;
+pub mod compress;
+pub mod gc;
+pub mod index;
+pub mod pack;
+pub mod repair;
+pub mod repository;
+
 use std::collections::HashMap;
 use std::fmt;
 

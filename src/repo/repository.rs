@@ -1,0 +1,462 @@
+//! `Repository`: the `BlobStore` of store format v2 over a `Backend` of named objects.
+//!
+//! A put hashes the blob, skips it when the hash is already stored (in the open pack, in a
+//! pack being written, or in the index), compresses it outside any lock and appends it to the
+//! open pack. `flush` writes the open pack and then one index object naming every blob put
+//! since the last flush, durably; only after it returns may a caller commit a point that
+//! names those blobs (order: packs, index, the caller's point record). A crash before that
+//! leaves at worst packs no index names, which garbage collection removes.
+//!
+//! A get finds the blob (pending writes first, then the index newest first), reads its stored
+//! bytes with one ranged get, checks their CRC, decompresses and checks the BLAKE3 hash: any
+//! damage is `Error::Format`, never other bytes.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use parking_lot::{Condvar, Mutex, RwLock};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::format::{self, Kind};
+use crate::repo::backend::{Backend, is_missing};
+use crate::repo::compress::{self, Compression, DEFAULT_COMPRESSION};
+use crate::repo::index::{self, IndexEntry, IndexFile, IndexSet};
+use crate::repo::pack::{DEFAULT_PACK_TARGET, PackId, PackWriter};
+use crate::repo::{BlobKind, BlobStore, Hash, damaged};
+
+/// The repository's `config` object. Do not modify the magic.
+pub const REPO_CONFIG: Kind = Kind {
+    magic: b"VMREFRPO",
+    major: 2,
+    minor: 0,
+};
+pub const CONFIG_NAME: &str = "config";
+/// After this many blobs put without a flush, an index object is written anyway, so memory
+/// for pending blobs stays bounded during a long full backup.
+pub const DEFAULT_INDEX_BATCH: usize = 1 << 17;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ConfigRecord {
+    version: u16,
+    id: String,
+    compression: String,
+    pack_target: u64,
+    created_unix: u64,
+}
+
+/// Settings fixed at `init`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RepoConfig {
+    pub id: String,
+    pub compression: Compression,
+    pub pack_target: usize,
+}
+
+/// What `init` is asked for.
+#[derive(Debug, Clone, Copy)]
+pub struct RepoOptions {
+    pub compression: Compression,
+    pub pack_target: usize,
+}
+
+impl Default for RepoOptions {
+    fn default() -> Self {
+        RepoOptions {
+            compression: DEFAULT_COMPRESSION,
+            pack_target: DEFAULT_PACK_TARGET,
+        }
+    }
+}
+
+/// Sizes of what the repository holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RepoStats {
+    /// Distinct blobs the index names.
+    pub blobs: u64,
+    /// Their bytes as stored (compressed) and before compression.
+    pub stored_bytes: u64,
+    pub raw_bytes: u64,
+    pub packs: u64,
+    pub pack_bytes: u64,
+    pub index_objects: u64,
+    pub index_bytes: u64,
+}
+
+pub(super) struct WriteState {
+    pub(super) open: Option<(PackId, PackWriter)>,
+    /// Blobs put since the last index object, by hash.
+    pub(super) pending: HashMap<Hash, IndexEntry>,
+    /// Finished packs whose upload runs outside the lock; their blobs read from here.
+    pub(super) in_flight: HashMap<PackId, Arc<Vec<u8>>>,
+    /// Packs whose upload failed: their pending blobs are lost; the next flush says so.
+    pub(super) failed: Vec<(PackId, String)>,
+}
+
+pub struct Repository {
+    pub(super) backend: Arc<dyn Backend>,
+    pub(super) config: RepoConfig,
+    /// Replaced whole (never mutated) so lookups run on a snapshot with no lock held.
+    pub(super) index: RwLock<Arc<IndexSet>>,
+    pub(super) next_seq: AtomicU64,
+    pub(super) w: Mutex<WriteState>,
+    pub(super) uploaded: Condvar,
+    /// Puts hold it shared, garbage collection exclusive: a collection never races a put
+    /// that dedups against a blob it is about to delete.
+    pub(super) gc_lock: RwLock<()>,
+    pub(super) index_batch: usize,
+}
+
+impl Repository {
+    /// Make a new repository in an empty backend: writes its `config` object.
+    ///
+    /// # Errors
+    /// `StoreExists` when the backend already holds a config; I/O failures.
+    pub fn init(backend: Arc<dyn Backend>, opts: RepoOptions) -> Result<Repository> {
+        let rec = ConfigRecord {
+            version: REPO_CONFIG.major,
+            id: crate::store::random_id(),
+            compression: opts.compression.to_string(),
+            pack_target: opts.pack_target as u64,
+            created_unix: crate::store::now_unix(),
+        };
+        if !backend.put_if_absent(CONFIG_NAME, &format::encode(REPO_CONFIG, &rec))? {
+            return Err(Error::StoreExists(backend.describe().into()));
+        }
+        Repository::open(backend)
+    }
+
+    /// Open the repository of `backend`.
+    ///
+    /// # Errors
+    /// `NotAStore` without a config; `Format` (`TooNew`) for a newer major version or damage.
+    pub fn open(backend: Arc<dyn Backend>) -> Result<Repository> {
+        let bytes = match backend.get(CONFIG_NAME) {
+            Ok(b) => b,
+            Err(e) if is_missing(&e) => {
+                return Err(Error::NotAStore(
+                    backend.describe().into(),
+                    "no repository config",
+                ));
+            }
+            Err(e) => return Err(e),
+        };
+        let path = || format!("{}/{CONFIG_NAME}", backend.describe());
+        let rec: ConfigRecord =
+            format::decode(REPO_CONFIG, &bytes).map_err(|source| Error::Format {
+                path: path().into(),
+                source,
+            })?;
+        let bad = |why: String| Error::Format {
+            path: path().into(),
+            source: format::FormatError::Invalid {
+                what: "repository config",
+                why,
+            },
+        };
+        if rec.version > REPO_CONFIG.major {
+            return Err(bad(format!(
+                "repository version {} is newer than this vmref ({})",
+                rec.version, REPO_CONFIG.major
+            )));
+        }
+        let compression: Compression = rec.compression.parse().map_err(bad)?;
+        if rec.pack_target == 0 || rec.pack_target > 1 << 32 {
+            return Err(bad(format!("pack target {}", rec.pack_target)));
+        }
+        let set = IndexSet::load(&*backend)?;
+        let seq = set
+            .files()
+            .iter()
+            .filter_map(|f| index::index_seq(&f.name))
+            .max()
+            .unwrap_or(0);
+        Ok(Repository {
+            config: RepoConfig {
+                id: rec.id,
+                compression,
+                pack_target: rec.pack_target as usize,
+            },
+            backend,
+            index: RwLock::new(Arc::new(set)),
+            next_seq: AtomicU64::new(seq + 1),
+            w: Mutex::new(WriteState {
+                open: None,
+                pending: HashMap::new(),
+                in_flight: HashMap::new(),
+                failed: Vec::new(),
+            }),
+            uploaded: Condvar::new(),
+            gc_lock: RwLock::new(()),
+            index_batch: DEFAULT_INDEX_BATCH,
+        })
+    }
+
+    pub fn config(&self) -> &RepoConfig {
+        &self.config
+    }
+
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
+    }
+
+    /// Write an index object after this many pending blobs (tests use small values).
+    pub fn set_index_batch(&mut self, n: usize) {
+        self.index_batch = n.max(1);
+    }
+
+    /// Re-read the list of index objects (after another process wrote or collected).
+    ///
+    /// # Errors
+    /// A damaged index object; I/O failures.
+    pub fn refresh(&self) -> Result<()> {
+        let set = IndexSet::load(&*self.backend)?;
+        *self.index.write() = Arc::new(set);
+        Ok(())
+    }
+
+    pub(super) fn lookup(&self, h: &Hash) -> Result<Option<IndexEntry>> {
+        let set = self.index.read().clone();
+        Ok(set.lookup(&*self.backend, h)?.map(|f| f.entry))
+    }
+
+    /// Whether blob `h` is stored (or pending).
+    ///
+    /// # Errors
+    /// A damaged index; I/O failures.
+    pub fn contains(&self, h: &Hash) -> Result<bool> {
+        if self.w.lock().pending.contains_key(h) {
+            return Ok(true);
+        }
+        Ok(self.lookup(h)?.is_some())
+    }
+
+    /// Upload a finished pack with the write lock released; record a failure for `flush`.
+    fn upload(&self, id: PackId, bytes: Arc<Vec<u8>>) -> Result<()> {
+        let r = self
+            .backend
+            .put_if_absent(&id.object_name(), &bytes)
+            .map(|_| ());
+        let mut g = self.w.lock();
+        g.in_flight.remove(&id);
+        if let Err(e) = &r {
+            g.failed.push((id, e.to_string()));
+        }
+        self.uploaded.notify_all();
+        r
+    }
+
+    /// Make every blob put so far durable and findable: write the open pack, wait for packs
+    /// being uploaded, then write one index object naming them. Returns whether anything was
+    /// written.
+    ///
+    /// # Errors
+    /// A failed pack upload since the last flush (its blobs are lost: do not commit a point
+    /// that names them; put them again) or a failed index write.
+    pub fn flush(&self) -> Result<bool> {
+        let mut g = self.w.lock();
+        loop {
+            if let Some((id, w)) = g.open.take() {
+                let (bytes, _) = w.finish();
+                // Under the lock: flush is the commit point, and a put meanwhile would only
+                // start another pack to wait for.
+                if let Err(e) = self.backend.put_if_absent(&id.object_name(), &bytes) {
+                    g.failed.push((id, e.to_string()));
+                }
+            }
+            if g.in_flight.is_empty() {
+                break;
+            }
+            self.uploaded.wait(&mut g);
+        }
+        if !g.failed.is_empty() {
+            let failed = std::mem::take(&mut g.failed);
+            g.pending
+                .retain(|_, e| !failed.iter().any(|(id, _)| *id == e.pack));
+            return Err(Error::Refused(format!(
+                "{} pack(s) of this backup could not be written: {}",
+                failed.len(),
+                failed[0].1
+            )));
+        }
+        if g.pending.is_empty() {
+            return Ok(false);
+        }
+        let entries: Vec<IndexEntry> = g.pending.values().copied().collect();
+        let name = index::index_name(self.next_seq.fetch_add(1, Ordering::Relaxed));
+        self.backend
+            .put_if_absent(&name, &index::encode(&entries))?;
+        let f = Arc::new(IndexFile::open(&*self.backend, &name)?);
+        {
+            let mut ix = self.index.write();
+            let mut files = ix.files().to_vec();
+            files.insert(0, f);
+            *ix = Arc::new(ix.with_files(files));
+        }
+        g.pending.clear();
+        Ok(true)
+    }
+
+    /// Read, check and decode a stored blob.
+    fn read_stored(&self, e: &IndexEntry, stored: &[u8], kind: BlobKind) -> Result<Vec<u8>> {
+        let h = &e.entry.hash;
+        if stored.len() != e.entry.stored_len as usize {
+            return Err(damaged(h, "short read"));
+        }
+        let c = crc32c::crc32c(stored);
+        if c != e.entry.crc {
+            return Err(damaged(
+                h,
+                format!(
+                    "stored bytes in pack {} at {} fail their checksum",
+                    e.pack, e.entry.offset
+                ),
+            ));
+        }
+        if e.entry.kind != kind {
+            return Err(damaged(
+                h,
+                format!("stored as {:?}, wanted {kind:?}", e.entry.kind),
+            ));
+        }
+        let raw = compress::decompress(e.entry.codec, stored, e.entry.raw_len as usize)
+            .map_err(|why| damaged(h, why))?;
+        if Hash::of(&raw) != *h {
+            return Err(damaged(h, "bytes do not match the hash"));
+        }
+        Ok(raw)
+    }
+
+    pub(super) fn read_from_pack(&self, e: &IndexEntry, kind: BlobKind) -> Result<Vec<u8>> {
+        let stored = self.backend.get_range(
+            &e.pack.object_name(),
+            e.entry.offset,
+            e.entry.stored_len as usize,
+        )?;
+        self.read_stored(e, &stored, kind)
+    }
+
+    fn locate_and_read(&self, kind: BlobKind, hash: &Hash) -> Result<Vec<u8>> {
+        let e = self
+            .lookup(hash)?
+            .ok_or_else(|| damaged(hash, NOT_STORED))?;
+        self.read_from_pack(&e, kind)
+    }
+
+    /// Sizes of what is stored (after a flush: pending blobs are not counted). Streams every
+    /// index object once.
+    ///
+    /// # Errors
+    /// A damaged index; I/O failures.
+    pub fn stats(&self) -> Result<RepoStats> {
+        let set = self.index.read().clone();
+        let mut st = RepoStats::default();
+        let mut s = set.stream(&*self.backend);
+        let mut last = None;
+        while let Some(x) = s.next_entry()? {
+            if last == Some(x.entry.entry.hash) {
+                continue;
+            }
+            last = Some(x.entry.entry.hash);
+            st.blobs += 1;
+            st.stored_bytes += x.entry.entry.stored_len as u64;
+            st.raw_bytes += x.entry.entry.raw_len as u64;
+        }
+        for n in self.backend.list("packs/")? {
+            st.packs += 1;
+            st.pack_bytes += self.backend.size(&n)?;
+        }
+        for f in set.files() {
+            st.index_objects += 1;
+            st.index_bytes += f.size;
+        }
+        Ok(st)
+    }
+}
+
+const NOT_STORED: &str = "not stored";
+
+fn is_absent(e: &Error) -> bool {
+    matches!(e, Error::Format { source: crate::format::FormatError::Invalid { what: "blob", why }, .. } if why == NOT_STORED)
+}
+
+impl BlobStore for Repository {
+    fn put(&self, kind: BlobKind, data: &[u8]) -> Result<Hash> {
+        let _gc = self.gc_lock.read();
+        let h = Hash::of(data);
+        if data.len() > crate::repo::pack::MAX_BLOB as usize {
+            return Err(Error::Refused(format!(
+                "blob of {} bytes is larger than a repository blob may be",
+                data.len()
+            )));
+        }
+        if self.contains(&h)? {
+            return Ok(h);
+        }
+        // Compress with no lock held: this is where a backup spends its CPU.
+        let (codec, stored) = compress::compress(self.config.compression, data);
+        let mut g = self.w.lock();
+        if g.pending.contains_key(&h) {
+            return Ok(h);
+        }
+        let (id, w) = g
+            .open
+            .get_or_insert_with(|| (PackId::random(), PackWriter::new()));
+        let id = *id;
+        let entry = w.add(h, kind, codec, &stored, data.len() as u32);
+        let full = w.len() >= self.config.pack_target;
+        g.pending.insert(h, IndexEntry { pack: id, entry });
+        let batch_full = g.pending.len() >= self.index_batch;
+        if full {
+            let (id, w) = g.open.take().expect("open pack");
+            let bytes = Arc::new(w.finish().0);
+            g.in_flight.insert(id, bytes.clone());
+            drop(g);
+            self.upload(id, bytes)?;
+        } else {
+            drop(g);
+        }
+        if batch_full {
+            self.flush()?;
+        }
+        Ok(h)
+    }
+
+    fn get(&self, kind: BlobKind, hash: &Hash) -> Result<Vec<u8>> {
+        let pending = {
+            let g = self.w.lock();
+            match g.pending.get(hash) {
+                Some(e) => {
+                    let local = match (&g.open, g.in_flight.get(&e.pack)) {
+                        (Some((id, w)), _) if *id == e.pack => Some(w.stored(&e.entry).to_vec()),
+                        (_, Some(b)) => Some(
+                            b[e.entry.offset as usize..][..e.entry.stored_len as usize].to_vec(),
+                        ),
+                        _ => None,
+                    };
+                    Some((*e, local))
+                }
+                None => None,
+            }
+        };
+        match pending {
+            Some((e, Some(stored))) => return self.read_stored(&e, &stored, kind),
+            Some((e, None)) => return self.read_from_pack(&e, kind),
+            None => {}
+        }
+        match self.locate_and_read(kind, hash) {
+            // Our snapshot of the index may be stale: another handle or process compacted
+            // packs or replaced index objects, or wrote the blob since. Re-read the index
+            // list once and look again.
+            Err(err) if is_missing(&err) || is_absent(&err) => {
+                self.refresh()?;
+                self.locate_and_read(kind, hash)
+            }
+            r => r,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
