@@ -111,6 +111,10 @@ pub enum Error {
     /// A caller broke a library contract (e.g. map changes out of order): a bug, not damage.
     #[error("internal error: {0}")]
     Internal(String),
+    /// The repository could not complete an operation for a reason other than one I/O call
+    /// (packs of a backup that failed to write, a collection that raced a writer).
+    #[error("repository: {0}")]
+    Repo(String),
     /// A checkpoint's image read after the checkpoint was demoted or its backup committed.
     #[error("checkpoint {0:?} is closed: its copy-on-write data is gone")]
     CheckpointClosed(String),
@@ -222,7 +226,7 @@ impl Error {
             Error::PackFull => libc::EFBIG,
             Error::VerifyFailed(_) => libc::EIO,
             Error::Daemon(_) | Error::Protocol { .. } => libc::EPROTO,
-            Error::Mount(_) | Error::Internal(_) => libc::EIO,
+            Error::Mount(_) | Error::Internal(_) | Error::Repo(_) => libc::EIO,
             Error::Fs { kind, .. } => match kind {
                 FsKind::NotFound => libc::ENOENT,
                 FsKind::ReadOnly => libc::EROFS,

@@ -205,7 +205,7 @@ impl Repository {
         let now: Vec<String> = backend.list(index::INDEX_PREFIX)?;
         let snap: HashSet<&str> = set.files().iter().map(|f| f.name.as_str()).collect();
         if now.iter().any(|n| !snap.contains(n.as_str())) || !self.w.lock().pending.is_empty() {
-            return Err(Error::Refused(
+            return Err(Error::Repo(
                 "the repository changed since marking began; collect again".into(),
             ));
         }
@@ -259,7 +259,7 @@ impl Repository {
 
         // 2 and 3. Copy live blobs out of rewritten packs and write the merged index in one
         // pass over the indexes; the index object is committed only after its packs.
-        let name = index::index_name(self.next_seq.fetch_add(1, Ordering::Relaxed));
+        let name = index::index_name(self.next_seq.fetch_add(1, Ordering::Relaxed))?;
         let target = self.config.pack_target;
         let mut written = 0u64;
         let mut new_packs = 0u64;
@@ -306,7 +306,10 @@ impl Repository {
                                 "damaged in its pack; not copied",
                             ));
                         }
-                        let p = open.get_or_insert_with(|| (PackId::random(), PackWriter::new()));
+                        let p = match open {
+                            Some(ref mut p) => p,
+                            None => open.insert((PackId::random()?, PackWriter::new())),
+                        };
                         let ne = p.1.add(
                             src.entry.hash,
                             src.entry.kind,
@@ -332,7 +335,7 @@ impl Repository {
                 write_pack(p)?;
             }
             if stop == Some(GcStep::PacksWritten) {
-                return Err(Error::Refused(STOPPED.into()));
+                return Err(Error::Internal(STOPPED.into()));
             }
             w.finish()?;
             Ok(())
@@ -342,7 +345,7 @@ impl Repository {
         rep.written_bytes = written;
         rep.packs_rewritten = rewrite.len() as u64;
         match r {
-            Err(Error::Refused(m)) if m == STOPPED => {
+            Err(Error::Internal(m)) if m == STOPPED => {
                 rep.stopped = stop;
                 return Ok(rep);
             }

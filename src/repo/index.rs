@@ -137,7 +137,7 @@ impl<'a> IndexWriter<'a> {
     /// A write failure; an entry out of order is a bug and refused.
     pub fn push(&mut self, e: &IndexEntry) -> Result<()> {
         if self.last.is_some_and(|l| l >= e.entry.hash) {
-            return Err(Error::Refused(format!(
+            return Err(Error::Internal(format!(
                 "index entries out of order at {}",
                 e.entry.hash
             )));
@@ -547,8 +547,13 @@ impl IndexSet {
 /// newer.
 pub const INDEX_PREFIX: &str = "index/";
 
-pub fn index_name(seq: u64) -> String {
-    format!("{INDEX_PREFIX}{seq:016x}-{}", crate::store::random_id())
+/// # Errors
+/// The system's random source failed.
+pub fn index_name(seq: u64) -> Result<String> {
+    Ok(format!(
+        "{INDEX_PREFIX}{seq:016x}-{}",
+        crate::store::random_id()?
+    ))
 }
 
 /// The sequence number of an index name.
@@ -781,9 +786,12 @@ mod tests {
         let old: Vec<_> = (0..100).map(|i| entry(i, p)).collect();
         let new: Vec<_> = (50..150).map(|i| entry(i, q)).collect();
         let other: Vec<_> = (200..210).map(|i| entry(i, r)).collect();
-        b.put_if_absent(&index_name(1), &encode(&old)).unwrap();
-        b.put_if_absent(&index_name(2), &encode(&new)).unwrap();
-        b.put_if_absent(&index_name(3), &encode(&other)).unwrap();
+        b.put_if_absent(&index_name(1).unwrap(), &encode(&old))
+            .unwrap();
+        b.put_if_absent(&index_name(2).unwrap(), &encode(&new))
+            .unwrap();
+        b.put_if_absent(&index_name(3).unwrap(), &encode(&other))
+            .unwrap();
         let set = IndexSet::load(&b).unwrap();
         assert_eq!(index_seq(&set.files()[0].name), Some(3));
         assert_eq!(
@@ -802,7 +810,7 @@ mod tests {
                 .pack,
             p
         );
-        let name = index_name(4);
+        let name = index_name(4).unwrap();
         let sum = merge(&b, &set, &HashSet::from([r]), &name).unwrap();
         assert_eq!(sum.count, 150);
         let f = IndexFile::open(&b, &name).unwrap();
@@ -904,7 +912,7 @@ mod tests {
             .map(|i| entry(i, PackId([(i / 256) as u8; 16])))
             .collect();
         es.sort_by_key(|e| e.entry.hash);
-        let name = index_name(1);
+        let name = index_name(1).unwrap();
         b.put_stream(&name, &mut |out| {
             let mut w = IndexWriter::new(out)?;
             for e in &es {
@@ -936,7 +944,7 @@ mod tests {
         }
         let miss = t.elapsed();
         let t = std::time::Instant::now();
-        merge(&b, &set, &HashSet::new(), &index_name(2)).unwrap();
+        merge(&b, &set, &HashSet::new(), &index_name(2).unwrap()).unwrap();
         let merged = t.elapsed();
         println!(
             "{n} entries: object {} MiB, written in {write:.2?}, opened in {open:.2?} \

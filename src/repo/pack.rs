@@ -40,8 +40,10 @@ pub const MAX_BLOB: u32 = 64 << 20;
 pub struct PackId(pub [u8; 16]);
 
 impl PackId {
-    pub fn random() -> PackId {
-        PackId::parse(&crate::store::random_id()).expect("random_id gives 32 hex digits")
+    /// # Errors
+    /// The system's random source failed.
+    pub fn random() -> crate::Result<PackId> {
+        Ok(PackId::parse(&crate::store::random_id()?).expect("random_id gives 32 hex digits"))
     }
 
     pub fn parse(hex: &str) -> Option<PackId> {
@@ -438,19 +440,19 @@ mod tests {
     fn table_reads_with_ranged_gets() {
         let (b, entries) = sample();
         let m = crate::repo::backend::MemBackend::new();
-        let id = PackId::random();
+        let id = PackId::random().unwrap();
         m.put_if_absent(&id.object_name(), &b).unwrap();
         assert_eq!(read_table(&m, id).unwrap(), entries);
         for n in 0..b.len() {
             m.overwrite(&id.object_name(), b[..n].to_vec());
             assert!(read_table(&m, id).is_err(), "len {n}");
         }
-        assert!(read_table(&m, PackId::random()).is_err());
+        assert!(read_table(&m, PackId::random().unwrap()).is_err());
     }
 
     #[test]
     fn pack_names_round_trip() {
-        let id = PackId::random();
+        let id = PackId::random().unwrap();
         let n = id.object_name();
         assert!(n.starts_with("packs/"));
         assert_eq!(PackId::from_object_name(&n), Some(id));

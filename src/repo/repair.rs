@@ -49,7 +49,7 @@ pub fn rebuild_index(backend: &Arc<dyn Backend>) -> Result<RebuildReport> {
             return Ok(());
         }
         *seq += 1;
-        let name = index::index_name(*seq);
+        let name = index::index_name(*seq)?;
         be.put_if_absent(&name, &index::encode(batch))?;
         written.push(name);
         batch.clear();
@@ -89,7 +89,7 @@ pub fn rebuild_index(backend: &Arc<dyn Backend>) -> Result<RebuildReport> {
             .map(|n| IndexFile::open(be, n).map(Arc::new))
             .collect::<Result<Vec<_>>>()?;
         let set = IndexSet::new(files);
-        let name = index::index_name(seq + 1);
+        let name = index::index_name(seq + 1)?;
         index::merge(be, &set, &HashSet::new(), &name)?;
         for n in &written {
             be.delete(n)?;
@@ -167,7 +167,7 @@ impl Repository {
         if n <= max_objects.max(1) {
             return Ok(0);
         }
-        let name = index::index_name(self.next_seq.fetch_add(1, Ordering::Relaxed));
+        let name = index::index_name(self.next_seq.fetch_add(1, Ordering::Relaxed))?;
         index::merge(&*self.backend, &set, &HashSet::new(), &name)?;
         for f in set.files() {
             self.backend.delete(&f.name)?;

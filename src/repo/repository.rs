@@ -116,7 +116,7 @@ impl Repository {
     pub fn init(backend: Arc<dyn Backend>, opts: RepoOptions) -> Result<Repository> {
         let rec = ConfigRecord {
             version: REPO_CONFIG.major,
-            id: crate::store::random_id(),
+            id: crate::store::random_id()?,
             compression: opts.compression.to_string(),
             pack_target: opts.pack_target as u64,
             created_unix: crate::store::now_unix(),
@@ -274,7 +274,7 @@ impl Repository {
             let failed = std::mem::take(&mut g.failed);
             g.pending
                 .retain(|_, e| !failed.iter().any(|(id, _)| *id == e.pack));
-            return Err(Error::Refused(format!(
+            return Err(Error::Repo(format!(
                 "{} pack(s) of this backup could not be written: {}",
                 failed.len(),
                 failed[0].1
@@ -284,7 +284,7 @@ impl Repository {
             return Ok(false);
         }
         let entries: Vec<IndexEntry> = g.pending.values().copied().collect();
-        let name = index::index_name(self.next_seq.fetch_add(1, Ordering::Relaxed));
+        let name = index::index_name(self.next_seq.fetch_add(1, Ordering::Relaxed))?;
         self.backend
             .put_if_absent(&name, &index::encode(&entries))?;
         let f = Arc::new(IndexFile::open(&*self.backend, &name)?);
@@ -386,7 +386,7 @@ impl BlobStore for Repository {
         let _gc = self.gc_lock.read();
         let h = Hash::of(data);
         if data.len() > crate::repo::pack::MAX_BLOB as usize {
-            return Err(Error::Refused(format!(
+            return Err(Error::Internal(format!(
                 "blob of {} bytes is larger than a repository blob may be",
                 data.len()
             )));
@@ -400,9 +400,10 @@ impl BlobStore for Repository {
         if g.pending.contains_key(&h) {
             return Ok(h);
         }
-        let (id, w) = g
-            .open
-            .get_or_insert_with(|| (PackId::random(), PackWriter::new()));
+        if g.open.is_none() {
+            g.open = Some((PackId::random()?, PackWriter::new()));
+        }
+        let (id, w) = g.open.as_mut().expect("set above");
         let id = *id;
         let entry = w.add(h, kind, codec, &stored, data.len() as u32);
         let full = w.len() >= self.config.pack_target;

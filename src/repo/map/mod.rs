@@ -176,7 +176,7 @@ impl<'s, S: BlobStore + ?Sized> MapBuilder<'s, S> {
     /// Set `block`'s hash (`Hash::ZERO`: a hole, same as not pushing it).
     ///
     /// # Errors
-    /// `Error::Refused` for a block not after the previous one or past the disk's end;
+    /// `Error::Internal` for a block not after the previous one or past the disk's end;
     /// storage errors while writing finished nodes.
     pub fn push(&mut self, block: u64, hash: Hash) -> Result<()> {
         if block < self.next || block >= self.nblocks {
@@ -261,7 +261,7 @@ pub fn build<S: BlobStore + ?Sized>(
 /// returns `base`. Nodes left all-zero disappear (their parent holds `Hash::ZERO`).
 ///
 /// # Errors
-/// `Error::Refused` for unsorted changes or a block past the end; `Error::Format` for a
+/// `Error::Internal` for unsorted changes or a block past the end; `Error::Format` for a
 /// damaged base node; storage errors.
 pub fn update<S: BlobStore + ?Sized>(
     store: &S,

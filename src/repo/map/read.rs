@@ -152,7 +152,7 @@ impl<S: BlobStore + ?Sized> MapReader<S> {
     /// The hash of `block`'s data, `Hash::ZERO` for a hole: at most `map.levels()` node reads.
     ///
     /// # Errors
-    /// `Error::Refused` for a block past the end; `Error::Format` for a damaged node.
+    /// `Error::Internal` for a block past the end; `Error::Format` for a damaged node.
     pub fn lookup(&self, map: &MapRoot, block: u64) -> Result<Hash> {
         if block >= map.nblocks {
             return Err(misuse(format!(
@@ -227,7 +227,7 @@ impl<S: BlobStore + ?Sized> MapReader<S> {
     /// without reading it: the cost follows the difference, not the disk.
     ///
     /// # Errors
-    /// `Error::Refused` for maps of different shape (root levels); `Error::Format` for a
+    /// `Error::Internal` for maps of different shape (root levels); `Error::Format` for a
     /// damaged node; whatever `f` returns.
     pub fn diff(
         &self,
