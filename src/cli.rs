@@ -34,6 +34,9 @@ pub enum Command {
         /// Change-tracking block size: a power of two from 4K to 4M
         #[arg(long, value_name = "SIZE")]
         block_size: Option<String>,
+        /// Compression of stored blocks: none, zstd (level 3) or zstd:1 to zstd:19
+        #[arg(long, value_name = "ALGO")]
+        compression: Option<String>,
     },
     /// Register, list or remove disks
     #[command(subcommand)]
@@ -108,6 +111,12 @@ pub enum Command {
     },
     /// The store, its disks and their tracking state
     Status {
+        /// Print one JSON document on stdout
+        #[arg(long)]
+        json: bool,
+    },
+    /// Convert a store made by an older release to the current format, in place
+    Upgrade {
         /// Print one JSON document on stdout
         #[arg(long)]
         json: bool,

@@ -18,6 +18,9 @@ pub struct Config {
     pub store: Option<PathBuf>,
     /// Block size `vmref init` uses when `--block-size` is not given.
     pub block_size: Option<String>,
+    /// Compression `vmref init` gives the store's repository when `--compression` is not
+    /// given: "none", "zstd" or "zstd:LEVEL".
+    pub compression: Option<String>,
     /// Seconds between lazy flushes of tracking state while mounted.
     pub flush_interval_secs: Option<u64>,
     /// Mount with allow_other even without `--allow-other`.

@@ -27,7 +27,7 @@ use crate::backup::manage::PruneReport;
 use crate::backup::restore::RestoreReport;
 use crate::backup::run::BackupReport;
 use crate::backup::verify::VerifyReport;
-use crate::backup::{self, NoProgress, Progress};
+use crate::backup::{self, NoProgress, Owner, Progress};
 use crate::engine::{DiskChanges, Engine};
 use crate::error::{Error, Result};
 use crate::store::Store;
@@ -105,6 +105,8 @@ pub struct Status {
     /// Reference points of every state.
     pub refs: usize,
     pub restorable: usize,
+    /// What the repository holds, against what the points hold.
+    pub space: backup::data::Space,
 }
 
 /// One disk in `status`. An unavailable disk has only its name, image and `tracking`.
@@ -182,6 +184,7 @@ pub fn execute_with(
             force,
         } => raw(&backup::restore::restore(
             engine.store(),
+            &engine.backup_state().data,
             point,
             disk,
             to,
@@ -190,6 +193,7 @@ pub fn execute_with(
         )?),
         Request::Verify { point } => raw(&backup::verify::verify(
             engine.store(),
+            &engine.backup_state().data,
             point.as_deref(),
             progress,
         )?),
@@ -268,6 +272,7 @@ fn engine_status(engine: &Engine) -> Result<Status> {
             .iter()
             .filter(|r| r.state == RefState::Restorable)
             .count(),
+        space: backup::data::space(store, &engine.backup_state().data, &refs)?,
     })
 }
 
@@ -428,7 +433,8 @@ pub fn restore(
         force,
     };
     run_read_only(store, &req, || {
-        backup::restore::restore(store, point, disk, to, force, progress)
+        let data = std::sync::Arc::new(backup::Data::open(store)?);
+        backup::restore::restore(store, &data, point, disk, to, force, progress)
     })
 }
 
@@ -442,7 +448,8 @@ pub fn verify(store: &Store, point: Option<&str>, progress: &dyn Progress) -> Re
         point: point.map(str::to_string),
     };
     run_read_only(store, &req, || {
-        backup::verify::verify(store, point, progress)
+        let data = std::sync::Arc::new(backup::Data::open(store)?);
+        backup::verify::verify(store, &data, point, progress)
     })
 }
 

@@ -111,6 +111,9 @@ pub enum Error {
     /// A caller broke a library contract (e.g. map changes out of order): a bug, not damage.
     #[error("internal error: {0}")]
     Internal(String),
+    /// A store in an older format, opened by a command that does not upgrade it.
+    #[error("store {0} holds backup data in format 1; run `vmref upgrade` (or mount it) first")]
+    NeedsUpgrade(PathBuf),
     /// The repository could not complete an operation for a reason other than one I/O call
     /// (packs of a backup that failed to write, a collection that raced a writer).
     #[error("repository: {0}")]
@@ -226,7 +229,9 @@ impl Error {
             Error::PackFull => libc::EFBIG,
             Error::VerifyFailed(_) => libc::EIO,
             Error::Daemon(_) | Error::Protocol { .. } => libc::EPROTO,
-            Error::Mount(_) | Error::Internal(_) | Error::Repo(_) => libc::EIO,
+            Error::Mount(_) | Error::Internal(_) | Error::Repo(_) | Error::NeedsUpgrade(_) => {
+                libc::EIO
+            }
             Error::Fs { kind, .. } => match kind {
                 FsKind::NotFound => libc::ENOENT,
                 FsKind::ReadOnly => libc::EROFS,

@@ -44,9 +44,11 @@ pub struct Kind {
     pub minor: u16,
 }
 
+/// Major 2: the store's backup data may be a format 2 repository, which releases that
+/// understand only major 1 must not open.
 pub const STORE_META: Kind = Kind {
     magic: b"VMREFSTO",
-    major: 1,
+    major: 2,
     minor: 0,
 };
 pub const DISK_RECORD: Kind = Kind {

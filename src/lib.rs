@@ -24,5 +24,6 @@ pub mod store;
 #[allow(unsafe_code)]
 pub mod sys;
 pub mod track;
+pub mod upgrade;
 
 pub use error::{Error, Result};

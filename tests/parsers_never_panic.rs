@@ -7,13 +7,13 @@
 //! the same value and that any truncation or flipped bit is refused.
 
 use proptest::prelude::*;
-use vmref::backup::index::{BlockIndex, ENTRY_LEN, Entry, INDEX_HEADER_LEN, INDEX_MAGIC};
-use vmref::backup::pack::{PACK_HEADER_LEN, PACK_MAGIC, PackId, check_header};
 use vmref::format::{self, DISK_RECORD, ENVELOPE_LEN, REF_RECORD, STORE_META, crc};
 use vmref::store::StoreMeta;
 use vmref::store::records::{DiskRecord, RefRecord};
 use vmref::track::log::{DirtyLog, decode_header, encode_header};
 use vmref::track::mapfile::{Identity, MAGIC, MapFile, MapHeader, PAGE};
+use vmref::upgrade::v1index::{BlockIndex, ENTRY_LEN, Entry, INDEX_HEADER_LEN, INDEX_MAGIC};
+use vmref::upgrade::v1pack::{PACK_HEADER_LEN, PACK_MAGIC, PackId, check_header};
 
 fn envelopes(b: &[u8]) {
     let _ = format::decode::<StoreMeta>(STORE_META, b);

@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use vmref::backup::index::{BlockIndex, INDEX_HEADER_LEN, INDEX_MAGIC};
+use vmref::upgrade::v1index::{BlockIndex, INDEX_HEADER_LEN, INDEX_MAGIC};
 use vmref::format::crc;
 
 fuzz_target!(|data: &[u8]| {

@@ -2,7 +2,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use vmref::backup::pack::{PACK_HEADER_LEN, PACK_MAGIC, PackId, check_header};
+use vmref::upgrade::v1pack::{PACK_HEADER_LEN, PACK_MAGIC, PackId, check_header};
 use vmref::format::crc;
 
 fuzz_target!(|data: &[u8]| {

@@ -3,9 +3,9 @@
 //!
 //! Atomicity (invariant 4): a delete commits by removing the point's record; a prune, which
 //! removes several records, commits by renaming its journal into place and is rolled forward
-//! from the journal by the next engine open if it was interrupted. Unreferenced data is
-//! collected afterwards (`gc`). Every remaining point keeps its own complete index, so a
-//! delete never changes what another point reads.
+//! from the journal by the next engine open if it was interrupted. Unreferenced blobs are
+//! collected afterwards (`gc`). Every remaining point keeps its own map, so a delete never
+//! changes what another point reads.
 
 use serde::{Deserialize, Serialize};
 
@@ -42,19 +42,18 @@ fn remove_if_same(store: &Store, name: &str, id: &str) -> Result<()> {
     }
 }
 
-/// Finish what an interrupted operation committed, demote checkpoints left by a dead owner,
-/// and collect garbage if a collection is owed. Runs at engine open, with the store lock held.
+/// Finish what an interrupted operation committed and demote checkpoints left by a dead
+/// owner. Runs at engine open, with the store lock held. Returns true when a collection is
+/// owed (a prune was rolled forward), for the caller to run once the repository is open.
 ///
 /// # Errors
 /// I/O failures; `Format` for a damaged journal.
-pub fn recover(store: &Store) -> Result<()> {
+pub fn recover(store: &Store) -> Result<bool> {
     let data = store.data_dir();
     if !data.is_dir() {
-        return Ok(());
+        return Ok(false);
     }
-    for d in [super::packs_dir(store), super::index_dir(store)] {
-        atomic::sweep_temp_files(&d);
-    }
+    let mut owed = false;
     // Save files are unlinked at creation; anything here is from a crash in between.
     if let Ok(rd) = std::fs::read_dir(super::cow_dir(store)) {
         for e in rd.flatten() {
@@ -77,6 +76,7 @@ pub fn recover(store: &Store) -> Result<()> {
                 remove_if_same(store, name, id)?;
             }
             atomic::remove_durable(&jp)?;
+            owed = true;
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(Error::io("read", &jp)(e)),
@@ -93,11 +93,19 @@ pub fn recover(store: &Store) -> Result<()> {
             })?;
         }
     }
-    if gc::is_pending(store) {
-        gc::collect(store, None)?;
-        gc::clear_pending(store)?;
+    Ok(owed)
+}
+
+/// Collect after a delete or prune has committed. A failure leaves garbage for a later
+/// collection, never a half-done delete, so it is a warning, not the operation's error.
+fn collect_after(owner: &dyn Owner, what: &str) -> u64 {
+    match gc::collect(owner.store(), &owner.backup_state().data) {
+        Ok(r) => r.freed_bytes,
+        Err(e) => {
+            log::warn!("{what} done, but its space was not reclaimed: {e}");
+            0
+        }
     }
-    Ok(())
 }
 
 /// Demote every open checkpoint (the engine is closing).
@@ -154,15 +162,10 @@ pub fn delete(owner: &dyn Owner, name: &str) -> Result<RefRecord> {
     let store = owner.store();
     let rec = store.read_ref(name)?;
     let has_data = rec.state == RefState::Restorable;
-    if has_data {
-        super::ensure_dirs(store)?;
-        gc::mark_pending(store)?;
-    }
     store.remove_ref_record(name)?;
     owner.backup_state().end_checkpoint(name);
     if has_data {
-        gc::collect(store, Some(&owner.backup_state().packs))?;
-        gc::clear_pending(store)?;
+        collect_after(owner, &format!("ref delete {name}"));
     }
     Ok(rec)
 }
@@ -215,7 +218,6 @@ pub fn prune(owner: &dyn Owner, keep: u32) -> Result<PruneReport> {
         return Ok(report);
     }
     super::ensure_dirs(store)?;
-    gc::mark_pending(store)?;
     let journal = PruneJournal {
         points: old.iter().map(|r| (r.name.clone(), r.id.clone())).collect(),
     };
@@ -226,9 +228,7 @@ pub fn prune(owner: &dyn Owner, keep: u32) -> Result<PruneReport> {
         remove_if_same(store, name, id)?;
     }
     atomic::remove_durable(&jp)?;
-    let gc = gc::collect(store, Some(&owner.backup_state().packs))?;
-    gc::clear_pending(store)?;
-    report.freed_bytes = gc.bytes;
+    report.freed_bytes = collect_after(owner, "prune");
     Ok(report)
 }
 

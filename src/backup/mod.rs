@@ -1,25 +1,27 @@
-//! Backups: checkpoints with copy-on-write, full and incremental copies into the store, the
-//! synthesized image of every restorable point, restore, verify, prune and garbage collection.
+//! Backups: checkpoints with copy-on-write, full and incremental copies into the store's
+//! repository, the synthesized image of every restorable point, restore, verify, prune and
+//! garbage collection.
 //!
 //! ```text
-//! STORE/data/packs/ID.pack          stored blocks, immutable (see `pack`)
-//! STORE/data/index/REFID.DISK.idx   one complete block index per point and disk (see `index`)
-//! STORE/data/cow/                   open checkpoints' saved blocks, unlinked at creation
-//! STORE/data/gc.pending             set while an operation may leave unreferenced files
-//! STORE/data/prune.journal          the points a prune deletes, between its commit and its end
+//! STORE/repo/                 the repository: content-addressed blocks and point maps (`repo`)
+//! STORE/data/cow/             open checkpoints' saved blocks, unlinked at creation
+//! STORE/data/prune.journal    the points a prune deletes, between its commit and its end
 //! ```
 //!
-//! Invariants kept here:
-//! - Exactness (1) and chain-independent reads (6): every restorable point has a complete
-//!   index of its own, built for an incremental by copying the previous point's index and
-//!   overriding the blocks changed since; a read is one lookup and one pread at any depth.
-//! - Nothing lost (4): packs and indexes are written beside their final names and renamed in;
-//!   the point's record rename is the commit point of a backup and its removal the commit point
-//!   of a delete; a prune commits by renaming its journal in and is rolled forward at open.
-//!   Files nothing references any more are removed afterwards, idempotently, and again at
-//!   engine open while `gc.pending` says a collection may be owed.
-//! - Never wrong bytes (5): every stored block carries its CRC-32C in the index; a mismatch is
-//!   `Error::Format` (EIO at the mount), and `verify` names the block.
+//! Invariants kept here (numbers as in docs/design.md):
+//! - Exactness (1) and chain-independent reads (6): every restorable point has a map of its
+//!   own per disk, sharing unchanged subtrees with the point it was made from; a read is a
+//!   lookup of at most a few map nodes (cached) and one blob read at any depth.
+//! - Nothing lost (4): a backup's blocks and map nodes are made durable in the repository
+//!   before the point's record is renamed in (its commit point); a delete's commit point is
+//!   the record's removal, a prune's the rename of its journal (rolled forward at open).
+//!   Blocks no point needs any more are collected afterwards by mark and sweep (`gc`), which
+//!   is idempotent: a crash anywhere leaves at worst garbage for the next collection.
+//! - Never wrong bytes (5): every stored block and map node is named by the BLAKE3 hash of
+//!   its bytes, checked on every read; a mismatch is `Error::Format` (EIO at the mount), and
+//!   `verify` names the point, disk and block.
+//! - A point costs what changed (7): an incremental stores the changed blocks not already in
+//!   the repository, plus the map nodes on their paths.
 //!
 //! Checkpoints keep their copy-on-write data in memory and an unlinked file only while the
 //! engine runs: a checkpoint does not survive a restart of the daemon (or the end of the
@@ -27,11 +29,10 @@
 //! checkpoint state is demoted to a plain point.
 
 pub mod cow;
+pub mod data;
 pub mod gc;
 pub mod image;
-pub mod index;
 pub mod manage;
-pub mod pack;
 pub mod progress;
 pub mod restore;
 pub mod run;
@@ -47,105 +48,49 @@ use parking_lot::{Mutex, MutexGuard};
 
 use crate::error::{Error, Result};
 use crate::live::LiveDisk;
-use crate::store::records::{RefRecord, RefState};
-use crate::store::{Store, atomic};
+use crate::store::Store;
+use crate::store::records::RefRecord;
 use cow::{Checkpoint, CowSaver};
-use index::BlockIndex;
-use pack::PackCache;
+pub use data::Data;
 
 pub use progress::{NoProgress, Progress};
 
-pub fn packs_dir(store: &Store) -> PathBuf {
-    store.data_dir().join("packs")
-}
-pub fn index_dir(store: &Store) -> PathBuf {
-    store.data_dir().join("index")
-}
 pub fn cow_dir(store: &Store) -> PathBuf {
     store.data_dir().join("cow")
 }
-pub fn index_path(store: &Store, ref_id: &str, disk: &str) -> PathBuf {
-    index_dir(store).join(format!("{ref_id}.{disk}.idx"))
-}
 
-/// Create the data directories (0700) if missing.
+/// Create the host-local data directories (0700) if missing.
 ///
 /// # Errors
 /// I/O failures.
 pub fn ensure_dirs(store: &Store) -> Result<()> {
-    for d in [packs_dir(store), index_dir(store), cow_dir(store)] {
-        if !d.is_dir() {
-            DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(&d)
-                .map_err(Error::io("create directory", &d))?;
-        }
+    let d = cow_dir(store);
+    if !d.is_dir() {
+        DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&d)
+            .map_err(Error::io("create directory", &d))?;
     }
     Ok(())
 }
 
-/// Load and check the index of `disk` in restorable point `rec`.
-///
-/// # Errors
-/// `NotRestorable`, `NoSuchDisk`, or `Format` for a missing or damaged index.
-pub fn load_index(store: &Store, rec: &RefRecord, disk: &str) -> Result<BlockIndex> {
-    if rec.state != RefState::Restorable {
-        return Err(Error::NotRestorable(rec.name.clone()));
-    }
-    let d = rec
-        .disks
-        .get(disk)
-        .ok_or_else(|| Error::NoSuchDisk(format!("{disk} (in point {})", rec.name)))?;
-    let path = index_path(store, &rec.id, disk);
-    let fmt = |source| Error::Format {
-        path: path.clone(),
-        source,
-    };
-    let bytes = std::fs::read(&path).map_err(|e| {
-        fmt(crate::format::FormatError::Invalid {
-            what: "block index",
-            why: format!("cannot read: {e}"),
-        })
-    })?;
-    let ix = BlockIndex::decode(&bytes).map_err(fmt)?;
-    if ix.block_size != store.block_size() || ix.disk_size != d.size {
-        return Err(fmt(crate::format::FormatError::Invalid {
-            what: "block index",
-            why: format!(
-                "describes {} bytes in blocks of {}, the point {} bytes in blocks of {}",
-                ix.disk_size,
-                ix.block_size,
-                d.size,
-                store.block_size()
-            ),
-        }));
-    }
-    Ok(ix)
-}
-
-/// Write an index beside its final name and rename it in.
-///
-/// # Errors
-/// I/O failures; the index then does not exist.
-pub fn write_index(store: &Store, ref_id: &str, disk: &str, ix: &BlockIndex) -> Result<()> {
-    atomic::write_atomic(&index_path(store, ref_id, disk), &ix.encode())
-}
-
-/// What an engine keeps for backups while it runs: open checkpoints and open packs.
+/// What an engine keeps for backups while it runs: open checkpoints and the repository.
 pub struct EngineState {
     /// Open checkpoints by point name. Coarse: touched only when a checkpoint opens or
     /// closes and when the mount lists or opens points.
     checkpoints: Mutex<BTreeMap<String, Arc<Checkpoint>>>,
-    pub packs: Arc<PackCache>,
+    pub data: Arc<Data>,
 }
 
 impl EngineState {
-    pub fn new(store: &Store) -> EngineState {
-        EngineState {
+    /// # Errors
+    /// As `Data::open`.
+    pub fn new(store: &Store) -> Result<EngineState> {
+        Ok(EngineState {
             checkpoints: Mutex::new(BTreeMap::new()),
-            packs: Arc::new(PackCache::new(packs_dir(store), store.block_size())),
-        }
+            data: Arc::new(Data::open(store)?),
+        })
     }
 
     /// Start copy-on-write for point `rec` on `disks`. The caller holds every disk quiesced,

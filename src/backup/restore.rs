@@ -12,8 +12,8 @@ use crate::image::ImageSource;
 use crate::store::Store;
 use crate::store::atomic::TempFile;
 
+use super::data::Data;
 use super::image::PointImage;
-use super::pack::PackCache;
 use super::progress::Progress;
 
 /// Bytes read and written per step.
@@ -89,6 +89,7 @@ fn copy_data(
 /// for damaged backup data (then `to` is untouched).
 pub fn restore(
     store: &Store,
+    data: &Arc<Data>,
     point: &str,
     disk: &str,
     to: &Path,
@@ -117,8 +118,7 @@ pub fn restore(
             }
         }
     }
-    let packs = Arc::new(PackCache::new(super::packs_dir(store), store.block_size()));
-    let img = PointImage::open(store, packs, &rec, disk)?;
+    let img = PointImage::open(store, data.clone(), &rec, disk)?;
     let size = img.size();
     let tmp = TempFile::new(to)?;
     tmp.file()

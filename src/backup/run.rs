@@ -1,11 +1,14 @@
-//! `backup NAME`: open checkpoint NAME, copy its blocks into a new pack per disk (all non-zero
+//! `backup NAME`: open checkpoint NAME, copy its blocks into the repository (all non-zero
 //! blocks for a full backup, the blocks changed since the base point for an incremental one),
-//! write each disk's complete index, commit the point as restorable, drop the checkpoint.
+//! make each disk's map (a full backup builds it, an incremental updates the base's: only the
+//! nodes over changed blocks are new), commit the point as restorable, drop the checkpoint.
 //!
 //! The VM keeps writing through the live disks the whole time: the copy reads the checkpoint
-//! image (`cow`). Cost of an incremental: the changed blocks plus one index copy. Commit
-//! order: packs, then indexes, then the point's record (the commit point); a crash before the
-//! record leaves only unreferenced files, collected later (`gc`).
+//! image (`cow`). Cost of an incremental: the changed blocks not already stored, plus a few map
+//! nodes per changed region, whatever the disk's size. Commit order: blocks and map nodes made
+//! durable in the repository (`Repository::flush`), then the point's record (the commit
+//! point); a crash before the record leaves only unreferenced blobs, collected by the next
+//! prune (`gc`).
 
 use serde::{Deserialize, Serialize};
 
@@ -15,11 +18,13 @@ use crate::store::now_unix;
 use crate::store::records::{BackupInfo, BackupKind, RefRecord, RefState};
 use crate::track::seqmap::BlockRun;
 
+use crate::repo::map::{MapBuilder, MapRoot};
+use crate::repo::{BlobKind, BlobStore, Hash};
+
 use super::cow::{Checkpoint, CheckpointImage};
-use super::index::{BlockIndex, Entry};
-use super::pack::PackWriter;
+use super::data::{Data, map_of, point_map};
 use super::progress::Progress;
-use super::{Owner, gc, is_zero, packs_dir};
+use super::{Owner, is_zero};
 
 /// Blocks are read from the checkpoint in chunks of about this many bytes.
 const CHUNK: u64 = 4 << 20;
@@ -31,8 +36,10 @@ pub struct DiskReport {
     pub kind: BackupKind,
     /// Blocks read from the checkpoint.
     pub scanned_blocks: u64,
-    /// Non-zero blocks stored in the new pack.
+    /// Non-zero blocks copied (read, hashed and put into the repository).
     pub stored_blocks: u64,
+    /// Bytes the repository grew by for this disk: new blocks after dedup and compression,
+    /// and map nodes.
     pub stored_bytes: u64,
 }
 
@@ -84,25 +91,12 @@ pub fn backup(
             .rfind(|r| r.state == RefState::Restorable),
     };
     super::ensure_dirs(store)?;
-    gc::mark_pending(store)?;
     let cp = owner.checkpoint_locked(name)?;
     let result = copy(owner, &cp, base.as_ref(), progress);
-    // Demote: the copy is done (or failed); the saved blocks are no longer needed.
+    // Demote: the copy is done (or failed); the saved blocks are no longer needed. Blobs a
+    // failed copy stored are garbage for the next collection.
     owner.backup_state().end_checkpoint(name);
-    match result {
-        Ok(r) => {
-            gc::clear_pending(store)?;
-            Ok(r)
-        }
-        Err(e) => {
-            if let Err(g) = gc::collect(store, Some(&owner.backup_state().packs))
-                .and_then(|_| gc::clear_pending(store))
-            {
-                log::warn!("cleaning up after a failed backup: {g}");
-            }
-            Err(e)
-        }
-    }
+    result
 }
 
 fn copy(
@@ -115,11 +109,12 @@ fn copy(
     let mut warnings = Vec::new();
     let mut disks = Vec::new();
     let mut any_incremental = false;
+    let mut points = cp.rec.disks.clone();
     for (name, (live, _)) in &cp.disks {
         let image = cp.image(name)?;
         // Decide full or incremental for this disk; every way an incremental cannot be
         // trusted falls back to full, saying why.
-        let mut plan: Option<(BlockIndex, Vec<BlockRun>)> = None;
+        let mut plan: Option<(MapRoot, u64, Vec<BlockRun>)> = None;
         if let Some(b) = base {
             match b.disks.get(name) {
                 None => warnings.push(format!(
@@ -134,10 +129,10 @@ fn copy(
                     let changed = live.tracker().changed_since(&b.name, bd.seq);
                     match changed {
                         Err(e) => warnings.push(format!("{e}: full copy of disk {name}")),
-                        Ok(runs) => match super::load_index(store, b, name) {
-                            Ok(ix) => plan = Some((ix, runs)),
+                        Ok(runs) => match map_of(store, b, name) {
+                            Ok((map, data_blocks)) => plan = Some((map, data_blocks, runs)),
                             Err(e) => warnings.push(format!(
-                                "the index of {} cannot be used ({e}): full copy of disk {name}",
+                                "the map of {} cannot be used ({e}): full copy of disk {name}",
                                 b.name
                             )),
                         },
@@ -147,18 +142,46 @@ fn copy(
         }
         let incremental = plan.is_some();
         any_incremental |= incremental;
-        let (ix, runs) = match plan {
-            Some(p) => p,
-            None => (
-                BlockIndex::empty(store.block_size(), image.size()),
-                data_runs(&image, store.block_size())?,
-            ),
+        let data = &owner.backup_state().data;
+        let before = data.repo.added().1;
+        let mut copier = Copier {
+            data,
+            name,
+            image: &image,
+            bs: store.block_size() as u64,
+            scanned: 0,
+            stored: 0,
         };
-        let (ix, report) = copy_disk(owner, name, &image, ix, &runs, incremental, progress)?;
-        super::write_index(store, &cp.rec.id, name, &ix)?;
-        disks.push(report);
+        let (map, data_blocks) = match plan {
+            Some((base_map, base_blocks, runs)) => {
+                copier.changes(base_map, base_blocks, &runs, progress)?
+            }
+            None => {
+                let runs = data_runs(&image, store.block_size())?;
+                copier.full(&runs, progress)?
+            }
+        };
+        let (scanned_blocks, stored_blocks) = (copier.scanned, copier.stored);
+        let mut rd = cp.rec.disks.get(name).cloned().ok_or_else(|| {
+            Error::Internal(format!("checkpoint {} has no disk {name}", cp.rec.name))
+        })?;
+        rd.map = Some(point_map(&map, data_blocks));
+        points.insert(name.clone(), rd);
+        disks.push(DiskReport {
+            disk: name.clone(),
+            kind: if incremental {
+                BackupKind::Incremental
+            } else {
+                BackupKind::Full
+            },
+            scanned_blocks,
+            stored_blocks,
+            stored_bytes: data.repo.added().1 - before,
+        });
     }
     progress.finish();
+    // Blocks and map nodes durable before the record that names them.
+    owner.backup_state().data.repo.flush()?;
     let point = RefRecord {
         state: RefState::Restorable,
         backup: Some(BackupInfo {
@@ -172,6 +195,7 @@ fn copy(
             stored_bytes: disks.iter().map(|d| d.stored_bytes).sum(),
             finished_unix: now_unix(),
         }),
+        disks: points,
         ..cp.rec.clone()
     };
     // The commit point.
@@ -207,80 +231,121 @@ fn data_runs(image: &CheckpointImage, block_size: u32) -> Result<Vec<BlockRun>> 
     Ok(runs)
 }
 
-fn copy_disk(
-    owner: &dyn Owner,
-    name: &str,
-    image: &CheckpointImage,
-    mut ix: BlockIndex,
-    runs: &[BlockRun],
-    incremental: bool,
-    progress: &dyn Progress,
-) -> Result<(BlockIndex, DiskReport)> {
-    let store = owner.store();
-    let bs = store.block_size() as u64;
-    let size = image.size();
-    let nblocks = ix.nblocks();
-    let total: u64 = runs.iter().map(|r| r.count * bs).sum();
-    progress.start(name, total);
-    let mut report = DiskReport {
-        disk: name.to_string(),
-        kind: if incremental {
-            BackupKind::Incremental
-        } else {
-            BackupKind::Full
-        },
-        scanned_blocks: 0,
-        stored_blocks: 0,
-        stored_bytes: 0,
-    };
-    let mut writer: Option<(PackWriter, u32)> = None;
-    let chunk_blocks = (CHUNK / bs).max(1);
-    let mut buf = vec![0u8; (chunk_blocks * bs) as usize];
-    for r in runs {
-        let end = (r.start + r.count).min(nblocks);
-        let mut b = r.start;
-        while b < end {
-            let n = (end - b).min(chunk_blocks);
-            let off = b * bs;
-            let len = (n * bs).min(size - off) as usize;
-            let got = image.read_at(&mut buf[..len], off)?;
-            if got != len {
-                return Err(Error::ShortRead {
-                    what: format!("checkpoint {name}"),
-                    offset: off,
-                });
-            }
-            for i in 0..n {
-                let s = (i * bs) as usize;
-                let block = &buf[s..(s + bs as usize).min(len)];
-                let blk = (b + i) as usize;
-                if is_zero(block) {
-                    ix.entries[blk] = Entry::HOLE;
-                    continue;
-                }
-                if writer.is_none() {
-                    let w = PackWriter::create(&packs_dir(store), store.block_size())?;
-                    let pos = ix.pack_slot(w.id());
-                    writer = Some((w, pos));
-                }
-                let (w, pos) = writer.as_mut().expect("created above");
-                let (slot, crc) = w.append(block)?;
-                ix.entries[blk] = Entry {
-                    pack: *pos,
-                    slot,
-                    crc,
-                };
-                report.stored_blocks += 1;
-                report.stored_bytes += block.len() as u64;
-            }
-            report.scanned_blocks += n;
-            progress.inc(n * bs);
-            b += n;
-        }
-    }
-    if let Some((w, _)) = writer {
-        w.commit()?;
-    }
-    ix.compact();
-    Ok((ix, report))
+/// One disk's copy: the repository it writes to and what it did.
+struct Copier<'a> {
+    data: &'a Data,
+    name: &'a str,
+    image: &'a CheckpointImage,
+    bs: u64,
+    scanned: u64,
+    stored: u64,
 }
+
+impl Copier<'_> {
+    /// Read `runs` of the checkpoint in large chunks and hand each block (zero-padded to a
+    /// whole block at the disk's end) with its number to `each`.
+    fn for_each_block(
+        &mut self,
+        runs: &[BlockRun],
+        progress: &dyn Progress,
+        mut each: impl FnMut(&mut Self, u64, Hash) -> Result<()>,
+    ) -> Result<()> {
+        let bs = self.bs;
+        let size = self.image.size();
+        let nblocks = size.div_ceil(bs);
+        let chunk_blocks = (CHUNK / bs).max(1);
+        let mut buf = vec![0u8; (chunk_blocks * bs) as usize];
+        for r in runs {
+            let end = (r.start + r.count).min(nblocks);
+            let mut b = r.start;
+            while b < end {
+                let n = (end - b).min(chunk_blocks);
+                let off = b * bs;
+                let len = (n * bs).min(size - off) as usize;
+                let got = self.image.read_at(&mut buf[..len], off)?;
+                if got != len {
+                    return Err(Error::ShortRead {
+                        what: format!("checkpoint of disk {}", self.name),
+                        offset: off + got as u64,
+                    });
+                }
+                // The short last block is stored zero-padded, as a whole block.
+                buf[len..(n * bs) as usize].fill(0);
+                for i in 0..n {
+                    let s = (i * bs) as usize;
+                    let block = &buf[s..s + bs as usize];
+                    let h = if is_zero(block) {
+                        Hash::ZERO
+                    } else {
+                        self.stored += 1;
+                        self.data.repo.put(BlobKind::Data, block)?
+                    };
+                    each(self, b + i, h)?;
+                }
+                self.scanned += n;
+                progress.inc(len as u64);
+                b += n;
+            }
+        }
+        Ok(())
+    }
+
+    /// A full copy: every data run, streamed into a new map (one node per level in memory).
+    fn full(&mut self, runs: &[BlockRun], progress: &dyn Progress) -> Result<(MapRoot, u64)> {
+        progress.start(self.name, runs.iter().map(|r| r.count * self.bs).sum());
+        let nblocks = self.image.size().div_ceil(self.bs);
+        let repo = self.data.repo.clone();
+        let mut builder = MapBuilder::new(&*repo, nblocks);
+        let mut data_blocks = 0u64;
+        self.for_each_block(runs, progress, |_, b, h| {
+            if !h.is_zero() {
+                data_blocks += 1;
+                builder.push(b, h)?;
+            }
+            Ok(())
+        })?;
+        Ok((builder.finish()?, data_blocks))
+    }
+
+    /// An incremental copy: the changed blocks, applied to the base's map in batches, so
+    /// memory holds one chunk and one batch however many blocks changed. The data-block count
+    /// follows each change's old hash, read from the (cached) leaves the update reads anyway.
+    fn changes(
+        &mut self,
+        base: MapRoot,
+        base_blocks: u64,
+        runs: &[BlockRun],
+        progress: &dyn Progress,
+    ) -> Result<(MapRoot, u64)> {
+        progress.start(self.name, runs.iter().map(|r| r.count * self.bs).sum());
+        let maps = self.data.maps.clone();
+        let mut data_blocks = base_blocks;
+        let mut map = base;
+        let mut batch: Vec<(u64, Hash)> = Vec::new();
+        let mut apply = |batch: &mut Vec<(u64, Hash)>, map: &mut MapRoot| -> Result<()> {
+            for (b, h) in batch.iter() {
+                let old = maps.lookup(map, *b)?;
+                match (old.is_zero(), h.is_zero()) {
+                    (true, false) => data_blocks += 1,
+                    (false, true) => data_blocks -= 1,
+                    _ => {}
+                }
+            }
+            *map = maps.update(map, batch.drain(..))?;
+            Ok(())
+        };
+        self.for_each_block(runs, progress, |_, b, h| {
+            batch.push((b, h));
+            if batch.len() >= UPDATE_BATCH {
+                apply(&mut batch, &mut map)?;
+            }
+            Ok(())
+        })?;
+        apply(&mut batch, &mut map)?;
+        Ok((map, data_blocks))
+    }
+}
+
+/// Changed blocks applied to a map at a time: bounds memory (40 bytes each) for a large
+/// incremental, at the price of rewriting a few upper nodes once per batch.
+const UPDATE_BATCH: usize = 1 << 16;

@@ -56,7 +56,11 @@ fn run_to(cli: Cli, out: &mut impl Write, progress: &dyn Progress) -> Result<()>
     };
     let cx = &mut cx;
     match cli.command {
-        Command::Init { block_size } => store::init(cx, block_size),
+        Command::Init {
+            block_size,
+            compression,
+        } => store::init(cx, block_size, compression),
+        Command::Upgrade { json } => store::upgrade(cx, json),
         Command::Status { json } => store::status(cx, json),
         Command::Mount {
             mountpoint,

@@ -4,21 +4,75 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use super::{Ctx, human};
-use crate::control;
-use crate::error::Result;
-use crate::store::{self, DEFAULT_BLOCK_SIZE, Store};
+use std::sync::Arc;
 
-pub(super) fn init(cx: &mut Ctx<'_, impl Write>, block_size: Option<String>) -> Result<()> {
+use crate::control;
+use crate::error::{Error, Result};
+use crate::repo::backend::LocalBackend;
+use crate::repo::compress::{Compression, DEFAULT_COMPRESSION};
+use crate::repo::repository::{RepoOptions, Repository};
+use crate::store::lock::StoreLock;
+use crate::store::{self, DEFAULT_BLOCK_SIZE, Store};
+use crate::upgrade::UpgradeReport;
+
+pub(super) fn init(
+    cx: &mut Ctx<'_, impl Write>,
+    block_size: Option<String>,
+    compression: Option<String>,
+) -> Result<()> {
     let bs = match block_size.or(cx.config.block_size.clone()) {
         Some(s) => store::parse_block_size(&s)?,
         None => DEFAULT_BLOCK_SIZE,
     };
+    let opts = RepoOptions {
+        compression: match compression.or(cx.config.compression.clone()) {
+            Some(c) => c.parse::<Compression>().map_err(Error::BadArgument)?,
+            None => DEFAULT_COMPRESSION,
+        },
+        ..RepoOptions::default()
+    };
     let s = Store::init(&cx.root, bs)?;
+    // A crash before this leaves a store whose first open makes a default repository.
+    Repository::init(Arc::new(LocalBackend::new(&s.repo_dir())?), opts)?;
     cx.emit(format!(
-        "initialized store {} (block size {})",
+        "initialized store {} (block size {}, compression {})",
         s.root().display(),
-        human(bs as u64)
+        human(bs as u64),
+        opts.compression
     ))
+}
+
+pub(super) fn upgrade(cx: &mut Ctx<'_, impl Write>, json: bool) -> Result<()> {
+    let mut s = cx.open_store()?;
+    let report = match StoreLock::try_acquire(s.root()) {
+        Ok(_lock) => crate::upgrade::upgrade(&mut s, cx.progress)?,
+        // A mounted daemon upgraded the store when it opened it.
+        Err(Error::Locked(_)) if s.format() >= store::STORE_FORMAT => UpgradeReport {
+            from: s.format(),
+            to: s.format(),
+            ..Default::default()
+        },
+        Err(e) => return Err(e),
+    };
+    if json {
+        return cx.print_json(&report);
+    }
+    if report.from == report.to {
+        cx.emit(format!(
+            "store {} is already in format {}",
+            s.root().display(),
+            report.to
+        ))
+    } else {
+        cx.emit(format!(
+            "upgraded store {} from format {} to {}: {} restorable point(s), {} stored block(s) read",
+            s.root().display(),
+            report.from,
+            report.to,
+            report.points,
+            report.blocks
+        ))
+    }
 }
 
 pub(super) fn status(cx: &mut Ctx<'_, impl Write>, json: bool) -> Result<()> {
@@ -32,6 +86,15 @@ pub(super) fn status(cx: &mut Ctx<'_, impl Write>, json: bool) -> Result<()> {
     cx.emit(format!(
         "points:     {} ({} restorable)",
         st.refs, st.restorable
+    ))?;
+    let sp = &st.space;
+    cx.emit(format!(
+        "backups:    {} stored for {} of point images ({:.2}x; {} distinct blocks and map nodes, {} before compression)",
+        human(sp.stored_bytes),
+        human(sp.logical_bytes),
+        sp.ratio,
+        sp.blobs,
+        human(sp.raw_bytes)
     ))?;
     for d in &st.disks {
         let image = d

@@ -73,9 +73,13 @@ impl Engine {
     /// # Errors
     /// `Locked` when another process owns the store; I/O errors. A registered image that is
     /// gone or unusable does not fail the open: that disk is unavailable (see `disk`).
-    pub fn open(store: Store) -> Result<Engine> {
+    pub fn open(mut store: Store) -> Result<Engine> {
         let lock = StoreLock::try_acquire(store.root())?;
-        recover(&store)?;
+        let owed = recover(&mut store)?;
+        let backup = EngineState::new(&store)?;
+        if owed && let Err(e) = backup::gc::collect(&store, &backup.data) {
+            log::warn!("reclaiming the space of an interrupted prune: {e}");
+        }
         let refs = store.refs()?;
         let mut disks = BTreeMap::new();
         let mut unavailable = BTreeMap::new();
@@ -92,7 +96,7 @@ impl Engine {
             }
         }
         Ok(Engine {
-            backup: EngineState::new(&store),
+            backup,
             store,
             _lock: lock,
             disks: RwLock::new(disks),
@@ -267,6 +271,7 @@ impl Engine {
                 RefDisk {
                     seq,
                     size: d.size(),
+                    map: None,
                 },
             );
         }
@@ -399,11 +404,14 @@ impl Drop for Engine {
 /// Bring a store whose owner died back to a consistent state, with its lock held: the one
 /// place recovery runs from at open. Stale temporary files go, then `backup` finishes or
 /// undoes what a crashed backup, prune or delete left and demotes checkpoints (their
-/// copy-on-write data died with the process). Tracking state recovers per disk as each
-/// tracker opens.
-fn recover(store: &Store) -> Result<()> {
+/// copy-on-write data died with the process), and a store in an older format is upgraded
+/// (`upgrade`). Tracking state recovers per disk as each tracker opens. Returns true when a
+/// garbage collection is owed.
+fn recover(store: &mut Store) -> Result<bool> {
     store.sweep();
-    backup::manage::recover(store)
+    let owed = backup::manage::recover(store)?;
+    crate::upgrade::upgrade(store, &crate::backup::NoProgress)?;
+    Ok(owed)
 }
 
 /// Owners are matched exactly by `ref list --owner` and printed in listings, so they keep to

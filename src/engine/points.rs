@@ -70,7 +70,7 @@ impl PointSource for Engine {
         }
         Ok(Arc::new(PointImage::open(
             self.store(),
-            self.backup.packs.clone(),
+            self.backup.data.clone(),
             &rec,
             disk,
         )?))

@@ -129,6 +129,23 @@ impl Marker<'_> {
         }
     }
 
+    /// Mark `h` and say whether this was its first mark: the `seen` of a map walk, which
+    /// reads a node (and follows its children) only on its first visit. A hash the repository
+    /// lacks answers false (nothing to follow) and counts in `missing_marks`.
+    ///
+    /// # Errors
+    /// A damaged index; I/O failures.
+    pub fn mark_first(&mut self, h: &Hash) -> Result<bool> {
+        let before = self.live;
+        self.mark(h)?;
+        Ok(self.live > before)
+    }
+
+    /// Live blobs marked so far.
+    pub fn live(&self) -> u64 {
+        self.live
+    }
+
     fn is_marked(&self, s: &Streamed) -> bool {
         self.bits[s.file][(s.ordinal / 64) as usize] & (1 << (s.ordinal % 64)) != 0
     }

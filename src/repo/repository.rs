@@ -106,6 +106,9 @@ pub struct Repository {
     /// that dedups against a blob it is about to delete.
     pub(super) gc_lock: RwLock<()>,
     pub(super) index_batch: usize,
+    /// Blobs and stored (compressed) bytes this handle added: what a backup reports.
+    pub(super) added_blobs: AtomicU64,
+    pub(super) added_bytes: AtomicU64,
 }
 
 impl Repository {
@@ -190,7 +193,18 @@ impl Repository {
             uploaded: Condvar::new(),
             gc_lock: RwLock::new(()),
             index_batch: DEFAULT_INDEX_BATCH,
+            added_blobs: AtomicU64::new(0),
+            added_bytes: AtomicU64::new(0),
         })
+    }
+
+    /// Blobs and stored bytes put through this handle since it was opened (not counting
+    /// puts of blobs already held): a caller takes the difference around an operation.
+    pub fn added(&self) -> (u64, u64) {
+        (
+            self.added_blobs.load(Ordering::Relaxed),
+            self.added_bytes.load(Ordering::Relaxed),
+        )
     }
 
     pub fn config(&self) -> &RepoConfig {
@@ -408,6 +422,9 @@ impl BlobStore for Repository {
         let entry = w.add(h, kind, codec, &stored, data.len() as u32);
         let full = w.len() >= self.config.pack_target;
         g.pending.insert(h, IndexEntry { pack: id, entry });
+        self.added_blobs.fetch_add(1, Ordering::Relaxed);
+        self.added_bytes
+            .fetch_add(stored.len() as u64, Ordering::Relaxed);
         let batch_full = g.pending.len() >= self.index_batch;
         if full {
             let (id, w) = g.open.take().expect("open pack");
@@ -459,5 +476,7 @@ impl BlobStore for Repository {
     }
 }
 
+#[cfg(test)]
+mod points;
 #[cfg(test)]
 mod tests;

@@ -35,7 +35,19 @@ pub struct StoreMeta {
     pub id: String,
     pub block_size: u32,
     pub created_unix: u64,
+    /// Layout of the backup data: 1 = a block index per point and packs of raw slots under
+    /// `data/` (read only by `vmref upgrade`); 2 = the content-addressed repository under
+    /// `repo/`. Stores written before the field existed are format 1.
+    #[serde(default = "format_v1")]
+    pub format: u32,
 }
+
+fn format_v1() -> u32 {
+    1
+}
+
+/// The backup data layout this release writes.
+pub const STORE_FORMAT: u32 = 2;
 
 /// An opened store: its root and its fixed parameters. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -121,6 +133,7 @@ impl Store {
             id: random_id()?,
             block_size,
             created_unix: now_unix(),
+            format: STORE_FORMAT,
         };
         // The meta file is written last: a store exists only once it is in place.
         atomic::write_atomic(
@@ -197,8 +210,34 @@ impl Store {
     pub fn ref_path(&self, name: &str) -> PathBuf {
         self.refs_dir().join(format!("{name}.ref"))
     }
+    /// Host-local backup state: checkpoints' copy-on-write files, the prune journal (and in
+    /// a format 1 store, its packs and indexes).
     pub fn data_dir(&self) -> PathBuf {
         self.root.join("data")
+    }
+    /// The store's repository (format 2): every stored block and point map.
+    pub fn repo_dir(&self) -> PathBuf {
+        self.root.join("repo")
+    }
+    pub fn format(&self) -> u32 {
+        self.meta.format
+    }
+
+    /// Rewrite the meta file with `format` (the commit point of `vmref upgrade`).
+    ///
+    /// # Errors
+    /// I/O failures; then the meta file is as before.
+    pub fn set_format(&mut self, format: u32) -> Result<()> {
+        let meta = StoreMeta {
+            format,
+            ..self.meta.clone()
+        };
+        atomic::write_atomic(
+            &self.root.join(META_FILE),
+            &format::encode(format::STORE_META, &meta),
+        )?;
+        self.meta = meta;
+        Ok(())
     }
 
     /// Remove temp files left by a writer that crashed before committing.

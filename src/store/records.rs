@@ -33,12 +33,25 @@ pub enum RefState {
 }
 
 /// One disk's entry in a reference point.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RefDisk {
     /// The disk's sequence number when the point was created: blocks stamped higher changed since.
     pub seq: u32,
     /// The disk's size in bytes at that moment.
     pub size: u64,
+    /// A restorable point's map of this disk in the store's repository (format 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub map: Option<PointMap>,
+}
+
+/// Where a restorable point's image of one disk is: the root of its block map in the
+/// repository. Kept as text so records stay independent of the repository's types.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PointMap {
+    /// BLAKE3 hash of the map's root node, 64 hex digits (all zeros: every block a hole).
+    pub root: String,
+    /// Blocks that hold data (not holes): the image's allocated size.
+    pub data_blocks: u64,
 }
 
 /// Whether a backup copied every block or only those changed since a base point. Serialized
@@ -212,6 +225,7 @@ mod tests {
                 RefDisk {
                     seq: i as u32 + 1,
                     size: 1 << 20,
+                    map: None,
                 },
             );
             s.write_ref(&RefRecord {

@@ -254,6 +254,10 @@ impl PackCache {
         }
     }
 
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     pub fn block_size(&self) -> u32 {
         self.block_size
     }

@@ -21,7 +21,7 @@
 
 use crate::format::{FormatError, check_magic, crc, le_u32, le_u64};
 
-use super::pack::PackId;
+use super::v1pack::PackId;
 
 /// Do not modify: identifies block index files.
 pub const INDEX_MAGIC: &[u8; 8] = b"VMREFIDX";

@@ -1,0 +1,174 @@
+//! The store's backup data (format 2): its repository under `STORE/repo` and the point maps in
+//! it, opened once per engine (or per read-only command) and shared by every backup, restore,
+//! verify and mount read.
+//!
+//! A restorable point's record names, per disk, the root of the disk's map (`PointMap`); the
+//! map gives each block's hash; the repository gives the block's bytes, checked against the
+//! hash. Both caches are bounded: map nodes through `NodeCache`, pack reads through the
+//! repository's own bounded file cache, so memory does not grow with the disk or the points
+//! served (invariant 7).
+
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::format::FormatError;
+use crate::repo::backend::LocalBackend;
+use crate::repo::map::{MapReader, MapRoot, NodeCache};
+use crate::repo::repository::{RepoOptions, Repository};
+use crate::repo::{BlobKind, BlobStore, Hash};
+use crate::store::Store;
+use crate::store::records::{PointMap, RefRecord, RefState};
+
+/// Map nodes kept decoded in memory, shared by every point a daemon serves: 32 MiB holds the
+/// upper levels of every map plus about a thousand leaves (64 GiB of disk at 64 KiB blocks).
+pub const NODE_CACHE_BYTES: usize = 32 << 20;
+
+/// The repository of a store and a reader of its maps.
+pub struct Data {
+    pub repo: Arc<Repository>,
+    pub maps: MapReader<Repository>,
+}
+
+impl Data {
+    /// Open the repository of a format 2 store. A store whose repository was never made (a
+    /// crash between `init` writing the store and making its repository) gets an empty one,
+    /// but only while it has no restorable point: a missing repository under points that need
+    /// it is damage, reported, never papered over.
+    ///
+    /// # Errors
+    /// `NeedsUpgrade` for a format 1 store; `Format` for a damaged or missing repository;
+    /// I/O failures.
+    pub fn open(store: &Store) -> Result<Data> {
+        if store.format() < crate::store::STORE_FORMAT {
+            return Err(Error::NeedsUpgrade(store.root().to_path_buf()));
+        }
+        Data::open_repo(store, false)
+    }
+
+    /// `open` without the format check, for the upgrade, which fills the repository of a
+    /// store still in format 1 (`for_upgrade`: make it even though points exist).
+    ///
+    /// # Errors
+    /// As `open`.
+    pub fn open_repo(store: &Store, for_upgrade: bool) -> Result<Data> {
+        let dir = store.repo_dir();
+        let fresh = !dir.join(crate::repo::repository::CONFIG_NAME).exists();
+        let backend = Arc::new(LocalBackend::new(&dir)?);
+        let repo = if fresh {
+            if !for_upgrade
+                && store
+                    .refs()?
+                    .iter()
+                    .any(|r| r.state == RefState::Restorable)
+            {
+                return Err(Error::Format {
+                    path: dir,
+                    source: FormatError::Invalid {
+                        what: "repository",
+                        why: "missing, but restorable points need it".into(),
+                    },
+                });
+            }
+            Repository::init(backend, RepoOptions::default())?
+        } else {
+            Repository::open(backend)?
+        };
+        Ok(Data::new(Arc::new(repo)))
+    }
+
+    pub fn new(repo: Arc<Repository>) -> Data {
+        let maps = MapReader::new(repo.clone(), Arc::new(NodeCache::new(NODE_CACHE_BYTES)));
+        Data { repo, maps }
+    }
+
+    /// The bytes of one stored block (a whole block; a disk's short last block comes back
+    /// zero-padded), checked against its hash.
+    ///
+    /// # Errors
+    /// `Format` for a missing or damaged block; I/O failures.
+    pub fn block(&self, hash: &Hash) -> Result<Vec<u8>> {
+        self.repo.get(BlobKind::Data, hash)
+    }
+}
+
+/// The map of `disk` in restorable point `rec`.
+///
+/// # Errors
+/// `NotRestorable`, `NoSuchDisk`, or `Format` for a record without a readable map root.
+pub fn map_of(store: &Store, rec: &RefRecord, disk: &str) -> Result<(MapRoot, u64)> {
+    if rec.state != RefState::Restorable {
+        return Err(Error::NotRestorable(rec.name.clone()));
+    }
+    let d = rec
+        .disks
+        .get(disk)
+        .ok_or_else(|| Error::NoSuchDisk(format!("{disk} (in point {})", rec.name)))?;
+    let bad = |why: String| Error::Format {
+        path: store.ref_path(&rec.name),
+        source: FormatError::Invalid {
+            what: "point map",
+            why,
+        },
+    };
+    let m = d
+        .map
+        .as_ref()
+        .ok_or_else(|| bad(format!("disk {disk} has no map")))?;
+    let root = Hash::parse(&m.root).ok_or_else(|| bad(format!("root {:?}", m.root)))?;
+    let bs = store.block_size() as u64;
+    Ok((
+        MapRoot {
+            root,
+            nblocks: d.size.div_ceil(bs),
+        },
+        m.data_blocks,
+    ))
+}
+
+/// The record form of a map.
+pub fn point_map(root: &MapRoot, data_blocks: u64) -> PointMap {
+    PointMap {
+        root: root.root.to_hex(),
+        data_blocks,
+    }
+}
+
+/// Space in `vmref status`: the repository's bytes against the bytes of the points' images.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Space {
+    /// Bytes the repository takes: packs and index objects.
+    pub stored_bytes: u64,
+    /// Distinct blobs (blocks and map nodes) and their bytes before compression.
+    pub blobs: u64,
+    pub raw_bytes: u64,
+    /// Data (non-hole) bytes of every restorable point's images: what the store would take
+    /// with neither compression nor dedup.
+    pub logical_bytes: u64,
+    /// `logical_bytes / stored_bytes` (0 for an empty repository).
+    pub ratio: f64,
+}
+
+/// # Errors
+/// A damaged index object; I/O failures.
+pub fn space(store: &Store, data: &Data, refs: &[RefRecord]) -> Result<Space> {
+    let st = data.repo.stats()?;
+    let bs = store.block_size() as u64;
+    let logical_bytes = refs
+        .iter()
+        .filter(|r| r.state == RefState::Restorable)
+        .flat_map(|r| r.disks.values())
+        .filter_map(|d| d.map.as_ref().map(|m| (m.data_blocks * bs).min(d.size)))
+        .sum();
+    let stored_bytes = st.pack_bytes + st.index_bytes;
+    Ok(Space {
+        stored_bytes,
+        blobs: st.blobs,
+        raw_bytes: st.raw_bytes,
+        logical_bytes,
+        ratio: if stored_bytes == 0 {
+            0.0
+        } else {
+            logical_bytes as f64 / stored_bytes as f64
+        },
+    })
+}
