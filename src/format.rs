@@ -118,6 +118,42 @@ pub fn check_magic(bytes: &[u8], magic: &[u8; 8], major: u16) -> Result<(), Form
     Ok(())
 }
 
+/// Check a fixed header of at least `need` bytes: magic and major version (`check_magic`),
+/// then the CRC-32C stored at `crc_at` over the bytes before it.
+///
+/// # Errors
+/// Truncation, a foreign magic, a newer major version, a checksum mismatch.
+pub fn check_header(
+    b: &[u8],
+    need: usize,
+    magic: &[u8; 8],
+    major: u16,
+    crc_at: usize,
+    what: &'static str,
+) -> Result<(), FormatError> {
+    if b.len() < need {
+        return Err(FormatError::Truncated { got: b.len(), need });
+    }
+    check_magic(b, magic, major)?;
+    check_crc(what, le_u32(b, crc_at), &b[..crc_at])
+}
+
+/// Compare a stored CRC-32C with that of `bytes`.
+///
+/// # Errors
+/// `BadChecksum` naming `what`.
+pub fn check_crc(what: &'static str, stored: u32, bytes: &[u8]) -> Result<(), FormatError> {
+    let computed = crc(bytes);
+    if stored != computed {
+        return Err(FormatError::BadChecksum {
+            what,
+            stored,
+            computed,
+        });
+    }
+    Ok(())
+}
+
 /// Verify and unframe an envelope of `kind`, then parse its JSON payload.
 pub fn decode<T: DeserializeOwned>(kind: Kind, bytes: &[u8]) -> Result<T, FormatError> {
     if bytes.len() < ENVELOPE_LEN {

@@ -200,6 +200,20 @@ impl BlobStore for MemBlobStore {
     }
 }
 
+/// Deterministic pseudo-random bytes for tests (xorshift): incompressible, reproducible.
+#[cfg(test)]
+pub(crate) fn test_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

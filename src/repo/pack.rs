@@ -14,7 +14,7 @@
 //! Entries are in offset order and the blobs they name tile the data area exactly.
 
 use crate::error::{Error, Result};
-use crate::format::{FormatError, check_magic, crc, le_u16, le_u32, le_u64};
+use crate::format::{FormatError, crc, le_u16, le_u32, le_u64};
 use crate::repo::backend::Backend;
 use crate::repo::compress::Codec;
 use crate::repo::{BlobKind, Hash};
@@ -118,21 +118,14 @@ fn encode_header() -> Vec<u8> {
 /// # Errors
 /// Damage or a newer major version.
 pub fn check_header(b: &[u8]) -> Result<(), FormatError> {
-    if b.len() < PACK_HEADER_LEN {
-        return Err(FormatError::Truncated {
-            got: b.len(),
-            need: PACK_HEADER_LEN,
-        });
-    }
-    check_magic(b, PACK_MAGIC, PACK_MAJOR)?;
-    let (stored, computed) = (le_u32(b, 12), crc(&b[..12]));
-    if stored != computed {
-        return Err(FormatError::BadChecksum {
-            what: "pack header",
-            stored,
-            computed,
-        });
-    }
+    crate::format::check_header(
+        b,
+        PACK_HEADER_LEN,
+        PACK_MAGIC,
+        PACK_MAJOR,
+        12,
+        "pack header",
+    )?;
     Ok(())
 }
 

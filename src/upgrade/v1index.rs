@@ -19,7 +19,7 @@
 //! The pack table has its own checksum so garbage collection can learn which packs an index
 //! needs from the header and table alone.
 
-use crate::format::{FormatError, check_magic, crc, le_u32, le_u64};
+use crate::format::{FormatError, check_crc, check_magic, crc, le_u32, le_u64};
 
 use super::v1pack::PackId;
 
@@ -76,18 +76,6 @@ pub struct IndexHeader {
 
 fn invalid(what: &'static str, why: String) -> FormatError {
     FormatError::Invalid { what, why }
-}
-
-fn check_crc(what: &'static str, stored: u32, bytes: &[u8]) -> Result<(), FormatError> {
-    let computed = crc(bytes);
-    if stored != computed {
-        return Err(FormatError::BadChecksum {
-            what,
-            stored,
-            computed,
-        });
-    }
-    Ok(())
 }
 
 impl IndexHeader {

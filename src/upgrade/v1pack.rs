@@ -14,7 +14,6 @@
 //! `PackCache` keeps recently used packs open (LRU). Its mutex guards only the map: reads are
 //! `read_exact_at` on a shared `Arc<File>` with no lock held during the I/O.
 
-use std::fmt;
 use std::fs::File;
 use std::num::NonZeroUsize;
 use std::os::unix::fs::FileExt;
@@ -24,7 +23,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use crate::error::{Error, Result};
-use crate::format::{FormatError, check_magic, crc, le_u32};
+use crate::format::{FormatError, crc, le_u32};
 use crate::store::atomic::TempFile;
 use crate::store::now_unix;
 
@@ -38,43 +37,8 @@ pub const PACK_DATA_OFFSET: u64 = 4096;
 /// Buffered slots are written out in batches of about this many bytes.
 const WRITE_BATCH: usize = 4 << 20;
 
-/// A pack's identity: 16 random bytes, its file name in hex.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct PackId(pub [u8; 16]);
-
-impl PackId {
-    /// # Errors
-    /// As `store::random_bytes`.
-    pub fn random() -> Result<PackId> {
-        crate::store::random_bytes().map(PackId)
-    }
-
-    pub fn parse(hex: &str) -> Option<PackId> {
-        if hex.len() != 32 || !hex.bytes().all(|c| c.is_ascii_hexdigit()) {
-            return None;
-        }
-        let mut b = [0u8; 16];
-        for (i, x) in b.iter_mut().enumerate() {
-            *x = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
-        }
-        Some(PackId(b))
-    }
-}
-
-impl fmt::Display for PackId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for x in self.0 {
-            write!(f, "{x:02x}")?;
-        }
-        Ok(())
-    }
-}
-
-impl fmt::Debug for PackId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "PackId({self})")
-    }
-}
+/// A pack's identity: 16 random bytes, its file name in hex (the same type as format 2's).
+pub use crate::repo::pack::PackId;
 
 pub fn encode_header(id: PackId, block_size: u32) -> Vec<u8> {
     let mut h = Vec::with_capacity(PACK_DATA_OFFSET as usize);
@@ -97,21 +61,14 @@ pub fn encode_header(id: PackId, block_size: u32) -> Vec<u8> {
 /// # Errors
 /// Damage, a newer major version, or a header that belongs to another pack.
 pub fn check_header(b: &[u8], id: PackId, block_size: u32) -> Result<(), FormatError> {
-    if b.len() < PACK_HEADER_LEN {
-        return Err(FormatError::Truncated {
-            got: b.len(),
-            need: PACK_HEADER_LEN,
-        });
-    }
-    check_magic(b, PACK_MAGIC, PACK_MAJOR)?;
-    let (stored, computed) = (le_u32(b, 60), crc(&b[..60]));
-    if stored != computed {
-        return Err(FormatError::BadChecksum {
-            what: "pack header",
-            stored,
-            computed,
-        });
-    }
+    crate::format::check_header(
+        b,
+        PACK_HEADER_LEN,
+        PACK_MAGIC,
+        PACK_MAJOR,
+        60,
+        "pack header",
+    )?;
     if le_u32(b, 12) != block_size || b[16..32] != id.0 {
         return Err(FormatError::Invalid {
             what: "pack header",

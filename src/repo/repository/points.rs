@@ -7,15 +7,7 @@ use crate::repo::gc::GcOptions;
 use crate::repo::map::{self, MapReader, MapRoot, NodeCache};
 
 fn block(seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..4096)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
+    crate::repo::test_bytes(seed, 4096)
 }
 
 #[test]

@@ -10,17 +10,7 @@ fn blob(i: u32, len: usize) -> Vec<u8> {
     v
 }
 
-fn random(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
+use crate::repo::test_bytes as random;
 
 fn mem_repo(pack_target: usize) -> (Arc<MemBackend>, Repository) {
     let b = Arc::new(MemBackend::new());
