@@ -87,6 +87,7 @@ pub fn upgrade(store: &mut Store, progress: &dyn Progress) -> Result<UpgradeRepo
         .collect();
     let total: u64 = points.len() as u64;
     progress.start("upgrade", total);
+    test_abort_hook(&report.points.to_string());
     for rec in points {
         let mut disks = rec.disks.clone();
         for (disk, rd) in disks.iter_mut() {
@@ -100,12 +101,24 @@ pub fn upgrade(store: &mut Store, progress: &dyn Progress) -> Result<UpgradeRepo
         store.write_ref(&RefRecord { disks, ..rec })?;
         report.points += 1;
         progress.inc(1);
+        test_abort_hook(&report.points.to_string());
     }
     progress.finish();
     // The commit point.
     store.set_format(STORE_FORMAT)?;
+    test_abort_hook("commit");
     remove_v1(store)?;
     Ok(report)
+}
+
+/// Crash tests (tests/upgrade.rs) kill an upgrade at each step: with
+/// `VMREF_TEST_UPGRADE_ABORT_AFTER=N` the process aborts once N points are converted (0: with
+/// the repository made, before the first point), with `=commit` right after the store switched
+/// to format 2, before the format 1 files are removed. Unset, it costs one lookup per point.
+fn test_abort_hook(step: &str) {
+    if std::env::var_os("VMREF_TEST_UPGRADE_ABORT_AFTER").is_some_and(|v| v == step) {
+        std::process::abort();
+    }
 }
 
 /// The map of one disk of one point: built from scratch, or as the previous point's map
