@@ -2,7 +2,8 @@
 //!
 //! Every stored object is a *blob* named by the BLAKE3 hash of its uncompressed bytes: disk
 //! blocks (`BlobKind::Data`) and the nodes of point maps (`BlobKind::Map`). The hash is the
-//! name (identical bytes are stored once, across disks, points and stores) and the checksum
+//! name (identical bytes are stored once, across disks and points, and across stores once
+//! several share a repository, which is not built yet) and the checksum
 //! (a blob whose bytes do not hash to its name is damage: `Error::Format`, EIO at the mount).
 //!
 //! Layers, lowest first; each depends only on those above it in this list:

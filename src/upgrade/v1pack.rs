@@ -1,6 +1,6 @@
-//! Pack files: the stored bytes of backed-up blocks. One backup writes at most one pack per
-//! disk; a pack is immutable once renamed into place and is deleted only when no index names
-//! it any more (garbage collection, see `gc`).
+//! Format 1 pack files, read only by `vmref upgrade` now: the stored bytes of backed-up
+//! blocks. A format 1 backup wrote at most one pack per disk; a pack was immutable once
+//! renamed into place. The upgrade removes them all after its commit point.
 //!
 //! Layout (little-endian): a 64-byte header padded with zeros to 4096 bytes, then slots of
 //! `block_size` bytes; slot `s` is at `4096 + s * block_size`. A short last block of a disk
