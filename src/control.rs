@@ -311,9 +311,19 @@ pub enum Deleted {
 /// # Errors
 /// As `backup::manage::delete`; `Locked` for a damaged record while the store is in use.
 pub fn ref_delete(store: &Store, name: &str) -> Result<Deleted> {
-    if let Err(Error::Format { .. }) = store.read_ref(name) {
+    let rec = match store.read_ref(name) {
+        Err(Error::Format { .. }) => {
+            backup::manage::delete_damaged_record(store, name)?;
+            return Ok(Deleted::DamagedRecord);
+        }
+        r => r?,
+    };
+    // A format 1 store opens only through its upgrade, which a damaged point stops: deleting
+    // the point's record (its data goes with the upgrade's removal of format 1 files) is the
+    // way out, so it must not need the engine.
+    if store.format() < crate::store::STORE_FORMAT {
         backup::manage::delete_damaged_record(store, name)?;
-        return Ok(Deleted::DamagedRecord);
+        return Ok(Deleted::Point(rec));
     }
     let req = Request::RefDelete {
         name: name.to_string(),

@@ -170,9 +170,10 @@ pub fn delete(owner: &dyn Owner, name: &str) -> Result<RefRecord> {
     Ok(rec)
 }
 
-/// Remove a point record that does not decode, which keeps the engine from opening: the one
-/// way out. Takes the store lock itself; the point's backup data, if any, is collected at the
-/// next engine open.
+/// Remove a point record without the engine: a record that does not decode (which keeps the
+/// engine from opening), or a point of a format 1 store whose upgrade it stops. Takes the
+/// store lock itself; blobs only that point used are collected by the next prune or delete of
+/// a restorable point (format 1 data goes with the upgrade).
 ///
 /// # Errors
 /// `Locked` when the store is in use; I/O failures.

@@ -200,6 +200,16 @@ fn copy(
     };
     // The commit point.
     store.write_ref(&point)?;
+    // Every flush adds an index object and a dedup lookup that misses reads one bucket of
+    // each: fold them now and then, so backups stay as fast as the first.
+    if let Err(e) = owner
+        .backup_state()
+        .data
+        .repo
+        .merge_index(MAX_INDEX_OBJECTS)
+    {
+        warnings.push(format!("merging the repository's index objects: {e}"));
+    }
     Ok(BackupReport {
         point,
         disks,
@@ -345,6 +355,9 @@ impl Copier<'_> {
         Ok((map, data_blocks))
     }
 }
+
+/// Index objects the repository may hold before a backup folds them into one.
+const MAX_INDEX_OBJECTS: usize = 16;
 
 /// Changed blocks applied to a map at a time: bounds memory (40 bytes each) for a large
 /// incremental, at the price of rewriting a few upper nodes once per batch.

@@ -31,9 +31,10 @@ pub(super) fn init(
         },
         ..RepoOptions::default()
     };
-    let s = Store::init(&cx.root, bs)?;
-    // A crash before this leaves a store whose first open makes a default repository.
-    Repository::init(Arc::new(LocalBackend::new(&s.repo_dir())?), opts)?;
+    let s = Store::init_with(&cx.root, bs, |root| {
+        let dir = root.join(store::REPO_DIR);
+        Repository::init(Arc::new(LocalBackend::new(&dir)?), opts).map(|_| ())
+    })?;
     cx.emit(format!(
         "initialized store {} (block size {}, compression {})",
         s.root().display(),

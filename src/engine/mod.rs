@@ -77,6 +77,8 @@ impl Engine {
         let lock = StoreLock::try_acquire(store.root())?;
         let owed = recover(&mut store)?;
         let backup = EngineState::new(&store)?;
+        // With the lock held no writer of ours is running: a temp object is a crash's leftover.
+        crate::repo::backend::LocalBackend::new(&store.repo_dir())?.sweep_temp();
         if owed && let Err(e) = backup::gc::collect(&store, &backup.data) {
             log::warn!("reclaiming the space of an interrupted prune: {e}");
         }

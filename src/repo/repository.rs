@@ -254,8 +254,11 @@ impl Repository {
             .map(|_| ());
         let mut g = self.w.lock();
         g.in_flight.remove(&id);
-        if let Err(e) = &r {
-            g.failed.push((id, e.to_string()));
+        if r.is_err() {
+            // The put that filled the pack returns this error, failing its backup; the pack's
+            // blobs are forgotten here so that the next backup stores them again instead of
+            // failing on this one's loss at its flush.
+            g.pending.retain(|_, e| e.pack != id);
         }
         self.uploaded.notify_all();
         r

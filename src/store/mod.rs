@@ -27,6 +27,8 @@ use crate::format;
 
 pub const META_FILE: &str = "vmref.store";
 pub const SOCKET_FILE: &str = "control.sock";
+/// The store's repository directory (format 2).
+pub const REPO_DIR: &str = "repo";
 pub const DEFAULT_BLOCK_SIZE: u32 = 64 << 10;
 
 /// What `vmref.store` holds.
@@ -116,6 +118,19 @@ impl Store {
     /// # Errors
     /// `StoreExists` if one is there already, `InitNotEmpty` if other files are.
     pub fn init(root: &Path, block_size: u32) -> Result<Store> {
+        Store::init_with(root, block_size, |_| Ok(()))
+    }
+
+    /// `init`, running `populate` on the new store's root before the meta file is written,
+    /// so that what it makes (the repository, with its settings) exists once the store does.
+    ///
+    /// # Errors
+    /// As `init`, and whatever `populate` fails with.
+    pub fn init_with(
+        root: &Path,
+        block_size: u32,
+        populate: impl FnOnce(&Path) -> Result<()>,
+    ) -> Result<Store> {
         if root.join(META_FILE).exists() {
             return Err(Error::StoreExists(root.to_path_buf()));
         }
@@ -129,6 +144,7 @@ impl Store {
         for d in ["disks", "track", "refs", "data"] {
             mkdir_private(&root.join(d))?;
         }
+        populate(root)?;
         let meta = StoreMeta {
             id: random_id()?,
             block_size,
@@ -168,6 +184,18 @@ impl Store {
                 path: mp.clone(),
                 source,
             })?;
+        if meta.format > STORE_FORMAT {
+            return Err(Error::Format {
+                path: mp,
+                source: format::FormatError::Invalid {
+                    what: "store format",
+                    why: format!(
+                        "{} is newer than this vmref understands ({STORE_FORMAT})",
+                        meta.format
+                    ),
+                },
+            });
+        }
         if parse_block_size(&meta.block_size.to_string()).is_err() {
             return Err(Error::Format {
                 path: mp,
@@ -217,7 +245,7 @@ impl Store {
     }
     /// The store's repository (format 2): every stored block and point map.
     pub fn repo_dir(&self) -> PathBuf {
-        self.root.join("repo")
+        self.root.join(REPO_DIR)
     }
     pub fn format(&self) -> u32 {
         self.meta.format
