@@ -12,10 +12,12 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::format::FormatError;
+use crate::repo::Hash;
 use crate::repo::backend::LocalBackend;
 use crate::repo::map::{MapReader, MapRoot, NodeCache};
 use crate::repo::repository::{RepoOptions, Repository};
-use crate::repo::{BlobKind, BlobStore, Hash};
+
+use super::blocks::{BLOCK_CACHE_BYTES, BlockCache};
 use crate::store::Store;
 use crate::store::records::{PointMap, RefRecord, RefState};
 
@@ -27,6 +29,8 @@ pub const NODE_CACHE_BYTES: usize = 32 << 20;
 pub struct Data {
     pub repo: Arc<Repository>,
     pub maps: MapReader<Repository>,
+    /// Verified, decompressed blocks for point reads (see `blocks`).
+    pub blocks: Arc<BlockCache>,
 }
 
 impl Data {
@@ -78,7 +82,11 @@ impl Data {
 
     pub fn new(repo: Arc<Repository>) -> Data {
         let maps = MapReader::new(repo.clone(), Arc::new(NodeCache::new(NODE_CACHE_BYTES)));
-        Data { repo, maps }
+        Data {
+            repo,
+            maps,
+            blocks: Arc::new(BlockCache::new(BLOCK_CACHE_BYTES)),
+        }
     }
 
     /// The bytes of one stored block (a whole block; a disk's short last block comes back
@@ -86,8 +94,8 @@ impl Data {
     ///
     /// # Errors
     /// `Format` for a missing or damaged block; I/O failures.
-    pub fn block(&self, hash: &Hash) -> Result<Vec<u8>> {
-        self.repo.get(BlobKind::Data, hash)
+    pub fn block(&self, hash: &Hash) -> Result<Arc<Vec<u8>>> {
+        super::blocks::fetch(&self.repo, &self.blocks, hash)
     }
 }
 

@@ -28,6 +28,7 @@
 //! command that opened the store). At engine open and close every record still in the
 //! checkpoint state is demoted to a plain point.
 
+pub mod blocks;
 pub mod cow;
 pub mod data;
 pub mod gc;

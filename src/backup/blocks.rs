@@ -1,0 +1,157 @@
+//! Decoded blocks for point reads: a byte-bounded cache of verified, decompressed blocks, and
+//! read-ahead that fills it for sequential readers.
+//!
+//! Why: a stored block costs a decompression and a hash check (about as much as reading it),
+//! and the kernel sends a sequential reader's requests a few at a time, so a daemon that
+//! decodes only what is asked waits on each request in turn with cores idle. Read-ahead decodes
+//! the next blocks on background threads while the reader consumes the current ones; the cache
+//! also lets small reads inside one block pay its check once. Only verified bytes ever enter the
+//! cache (invariant 5), and it is bounded (invariant 7).
+
+use std::collections::HashSet;
+use std::num::NonZeroUsize;
+use std::sync::mpsc::{SyncSender, sync_channel};
+use std::sync::{Arc, OnceLock};
+
+use parking_lot::Mutex;
+
+use crate::error::Result;
+use crate::repo::repository::Repository;
+use crate::repo::{BlobKind, BlobStore, Hash};
+
+/// Decoded blocks kept: 32 MiB (512 blocks of 64 KiB), shared by every point a daemon serves.
+pub const BLOCK_CACHE_BYTES: usize = 32 << 20;
+
+/// Blocks by hash, and the bytes they hold.
+type Lru = (lru::LruCache<Hash, Arc<Vec<u8>>>, usize);
+
+/// A byte-bounded LRU of decoded blocks by hash. Coarse lock: it is held only to look up or
+/// insert an `Arc`, never during decoding.
+pub struct BlockCache {
+    inner: Mutex<Lru>,
+    capacity: usize,
+    /// Blocks being decoded by read-ahead, so one block is decoded once.
+    pending: Mutex<HashSet<Hash>>,
+}
+
+impl BlockCache {
+    pub fn new(capacity: usize) -> BlockCache {
+        BlockCache {
+            inner: Mutex::new((lru::LruCache::unbounded(), 0)),
+            capacity,
+            pending: Mutex::new(HashSet::new()),
+        }
+    }
+
+    pub fn get(&self, h: &Hash) -> Option<Arc<Vec<u8>>> {
+        self.inner.lock().0.get(h).cloned()
+    }
+
+    pub fn insert(&self, h: Hash, block: Arc<Vec<u8>>) {
+        if block.len() > self.capacity {
+            return;
+        }
+        let mut g = self.inner.lock();
+        let (lru, bytes) = &mut *g;
+        if let Some(old) = lru.put(h, block.clone()) {
+            *bytes -= old.len();
+        }
+        *bytes += block.len();
+        while *bytes > self.capacity {
+            match lru.pop_lru() {
+                Some((_, b)) => *bytes -= b.len(),
+                None => break,
+            }
+        }
+    }
+
+    /// Bytes held now.
+    pub fn bytes(&self) -> usize {
+        self.inner.lock().1
+    }
+}
+
+/// Decode block `h` through the cache: a hit costs a lookup, a miss reads, checks and keeps it.
+///
+/// # Errors
+/// `Format` for a missing or damaged block; I/O failures.
+pub fn fetch(repo: &Repository, cache: &BlockCache, h: &Hash) -> Result<Arc<Vec<u8>>> {
+    if let Some(b) = cache.get(h) {
+        return Ok(b);
+    }
+    let b = Arc::new(repo.get(BlobKind::Data, h)?);
+    cache.insert(*h, b.clone());
+    Ok(b)
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// Background decoders: one per core (at most 4), started at the first read-ahead and kept for
+/// the life of the process. The queue is bounded; a read-ahead that finds it full is dropped
+/// (the reader then decodes the block itself).
+fn pool() -> &'static SyncSender<Job> {
+    static POOL: OnceLock<SyncSender<Job>> = OnceLock::new();
+    POOL.get_or_init(|| {
+        let (tx, rx) = sync_channel::<Job>(256);
+        let rx = Arc::new(std::sync::Mutex::new(rx));
+        let n = std::thread::available_parallelism()
+            .map(NonZeroUsize::get)
+            .unwrap_or(1)
+            .clamp(1, 4);
+        for i in 0..n {
+            let rx = rx.clone();
+            let _ = std::thread::Builder::new()
+                .name(format!("vmref-ahead-{i}"))
+                .spawn(move || {
+                    loop {
+                        let job = match rx.lock() {
+                            Ok(g) => g.recv(),
+                            Err(_) => return,
+                        };
+                        match job {
+                            Ok(job) => job(),
+                            Err(_) => return,
+                        }
+                    }
+                });
+        }
+        tx
+    })
+}
+
+/// Decode `hashes` into the cache in the background, skipping blocks already cached or on
+/// their way. Errors are left for the reader to meet (and report) when it asks for the block.
+pub fn read_ahead(repo: &Arc<Repository>, cache: &Arc<BlockCache>, hashes: Vec<Hash>) {
+    for h in hashes {
+        if h.is_zero() || cache.get(&h).is_some() || !cache.pending.lock().insert(h) {
+            continue;
+        }
+        let (repo, c) = (repo.clone(), cache.clone());
+        let job: Job = Box::new(move || {
+            let _ = fetch(&repo, &c, &h);
+            c.pending.lock().remove(&h);
+        });
+        if pool().try_send(job).is_err() {
+            cache.pending.lock().remove(&h);
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_is_bounded_and_keeps_recent_blocks() {
+        let c = BlockCache::new(3 * 1000);
+        for i in 0..10u8 {
+            c.insert(Hash::of(&[i]), Arc::new(vec![i; 1000]));
+            assert!(c.bytes() <= 3000);
+        }
+        assert!(c.get(&Hash::of(&[9])).is_some());
+        assert!(c.get(&Hash::of(&[0])).is_none());
+        c.insert(Hash::of(b"big"), Arc::new(vec![0; 5000]));
+        assert!(c.get(&Hash::of(b"big")).is_none(), "larger than the cache");
+    }
+}
