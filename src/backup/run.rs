@@ -19,6 +19,7 @@ use crate::store::records::{BackupInfo, BackupKind, RefRecord, RefState};
 use crate::track::seqmap::BlockRun;
 
 use crate::repo::map::{MapBuilder, MapRoot};
+use crate::repo::repository::Repository;
 use crate::repo::{BlobKind, BlobStore, Hash};
 
 use super::cow::{Checkpoint, CheckpointImage};
@@ -281,16 +282,13 @@ impl Copier<'_> {
                 }
                 // The short last block is stored zero-padded, as a whole block.
                 buf[len..(n * bs) as usize].fill(0);
-                for i in 0..n {
-                    let s = (i * bs) as usize;
-                    let block = &buf[s..s + bs as usize];
-                    let h = if is_zero(block) {
-                        Hash::ZERO
-                    } else {
+                let chunk = &buf[..(n * bs) as usize];
+                let hashes = put_blocks(&self.data.repo, chunk, bs as usize)?;
+                for (i, h) in hashes.into_iter().enumerate() {
+                    if !h.is_zero() {
                         self.stored += 1;
-                        self.data.repo.put(BlobKind::Data, block)?
-                    };
-                    each(self, b + i, h)?;
+                    }
+                    each(self, b + i as u64, h)?;
                 }
                 self.scanned += n;
                 progress.inc(len as u64);
@@ -354,6 +352,40 @@ impl Copier<'_> {
         apply(&mut batch, &mut map)?;
         Ok((map, data_blocks))
     }
+}
+
+/// Hash, compress and store the blocks of `chunk` (zero blocks become holes), spread over the
+/// cores: compression is where a backup spends its CPU, and the repository takes puts from
+/// several threads. Hashes come back in block order.
+fn put_blocks(repo: &Repository, chunk: &[u8], bs: usize) -> Result<Vec<Hash>> {
+    let put = |block: &[u8]| -> Result<Hash> {
+        if is_zero(block) {
+            Ok(Hash::ZERO)
+        } else {
+            repo.put(BlobKind::Data, block)
+        }
+    };
+    let blocks: Vec<&[u8]> = chunk.chunks(bs).collect();
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(1, 8)
+        .min(blocks.len().max(1));
+    if threads <= 1 {
+        return blocks.into_iter().map(put).collect();
+    }
+    let per = blocks.len().div_ceil(threads);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = blocks
+            .chunks(per)
+            .map(|part| s.spawn(move || part.iter().map(|b| put(b)).collect::<Result<Vec<_>>>()))
+            .collect();
+        let mut out = Vec::with_capacity(blocks.len());
+        for h in handles {
+            out.extend(h.join().expect("backup put thread panicked")?);
+        }
+        Ok(out)
+    })
 }
 
 /// Index objects the repository may hold before a backup folds them into one.
