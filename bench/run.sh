@@ -12,7 +12,8 @@
 # a subset run replaces only those sections' rows in the result file), DISK (bytes of the data
 # disk), BIG (bytes of the sparse disk), SPACE_DISK and SPACE_FILES (bytes of the ext4 image and
 # of the files in it), SCALE_BIG (bytes of the scale section's big disk), REPS, RUNTIME (s per
-# fio job), KEEP=1 keeps the work directory. See bench/README.md for what every row measures.
+# fio job), DATA (half: each 4 KiB of the data disk half random, half zeros; random),
+# COMPRESSION (vmref init --compression of the data disk's store), KEEP=1 keeps the work directory. See bench/README.md for what every row measures.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 QUICK=0
