@@ -4,12 +4,28 @@
 
 mod common;
 
-use common::{BS, Env, Rng, assert_same, file_allocated};
+use common::{
+    BS, Env, Rng, assert_repo_holds_only_live, assert_same, file_allocated, live_blobs,
+    pack_entries, repo_indexes, repo_packs,
+};
+use vmref::repo::{BlobKind, Hash};
 
 fn backup_info(e: &Env, point: &str) -> serde_json::Value {
     let v: serde_json::Value =
         serde_json::from_str(&e.ok(&["ref", "show", point, "--json"])).unwrap();
     v["backup"].clone()
+}
+
+/// The data bytes of points' images (what `status` calls logical bytes): their non-zero
+/// blocks, each disk's total capped at its size.
+fn logical(points: &[(String, Vec<u8>)]) -> u64 {
+    points
+        .iter()
+        .map(|(_, img)| {
+            let blocks = img.chunks(BS).filter(|c| c.iter().any(|&b| b != 0)).count();
+            ((blocks * BS) as u64).min(img.len() as u64)
+        })
+        .sum()
 }
 
 #[test]
@@ -46,7 +62,11 @@ fn chain_of_35_restores_exactly_through_delete_and_prune() {
     }
     assert!(e.ok(&["verify"]).contains("all good"));
 
-    // Deleting a point in the middle keeps every other point exact.
+    assert_repo_holds_only_live(&e.store);
+
+    // Deleting a point in the middle keeps every other point exact, and its collection
+    // leaves no pack that is mostly garbage.
+    let before = e.space();
     e.ok(&["ref", "delete", "b10"]);
     points.retain(|(n, _)| n != "b10");
     e.fails(&[
@@ -60,8 +80,16 @@ fn chain_of_35_restores_exactly_through_delete_and_prune() {
     for (name, want) in &points {
         assert_same(name, &e.restore(name), want);
     }
+    assert_repo_holds_only_live(&e.store);
+    let after_delete = e.space();
+    assert!(
+        after_delete.stored_bytes <= before.stored_bytes,
+        "{before:?} -> {after_delete:?}"
+    );
+    assert_eq!(after_delete.logical_bytes, logical(&points));
 
-    // Prune to the newest 5: they stay exact, nothing else is left in the store.
+    // Prune to the newest 5: they stay exact, and the repository shrinks to what they need
+    // (no pack without a live blob, none mostly garbage, one merged index object).
     let out = e.ok(&["prune", "--keep-last", "5"]);
     assert!(out.contains("pruned 29 point(s)"), "{out}");
     let kept: Vec<_> = points[points.len() - 5..].to_vec();
@@ -72,7 +100,15 @@ fn chain_of_35_restores_exactly_through_delete_and_prune() {
     for (name, want) in &kept {
         assert_same(name, &e.restore(name), want);
     }
-    assert_eq!(e.data_files("index").len(), 5);
+    let pruned = e.space();
+    assert!(
+        pruned.stored_bytes < after_delete.stored_bytes,
+        "prune freed nothing: {after_delete:?} -> {pruned:?}"
+    );
+    assert_eq!(pruned.logical_bytes, logical(&kept));
+    let live_bytes = assert_repo_holds_only_live(&e.store);
+    assert!(pruned.stored_bytes >= live_bytes);
+    assert_eq!(repo_indexes(&e.store).len(), 1);
     assert!(e.ok(&["verify"]).contains("all good"));
     // The plain point is not a backup and is left alone.
     e.ok(&["ref", "show", "plain12"]);
@@ -102,12 +138,32 @@ fn full_backup_of_a_sparse_disk_stores_no_zero_blocks() {
     assert!(out.contains("full, 3 blocks stored"), "{out}");
     let info = backup_info(&e, "full1");
     assert_eq!(info["stored_blocks"], 3);
-    let packs = e.data_files("packs");
-    assert_eq!(packs.len(), 1);
+    // Only the two distinct data blocks (block 0 and the last hold the same bytes) and the
+    // map nodes over them are stored: the root and the three leaves that cover data.
+    let live = live_blobs(&e.store);
+    let mut data: Vec<Hash> = live
+        .iter()
+        .filter(|(_, k)| **k == BlobKind::Data)
+        .map(|(h, _)| *h)
+        .collect();
+    data.sort();
+    let mut want = vec![Hash::of(&a), Hash::of(&half)];
+    want.sort();
+    assert_eq!(data, want);
+    assert_eq!(live.len(), 2 + 4, "{live:?}");
+    let packs = repo_packs(&e.store);
+    let stored: Vec<_> = packs.iter().flat_map(|p| pack_entries(p)).collect();
     assert_eq!(
-        std::fs::metadata(&packs[0]).unwrap().len(),
-        4096 + 3 * BS as u64
+        stored.len(),
+        live.len(),
+        "nothing but live blobs: {stored:?}"
     );
+    assert!(stored.iter().all(|x| x.hash != Hash::of(&[0u8; BS])));
+    let space = e.space();
+    assert_eq!(space.blobs, 6);
+    assert_eq!(space.logical_bytes, 3 * BS as u64);
+    assert!(space.raw_bytes >= 2 * BS as u64 && space.raw_bytes < 3 * BS as u64);
+    assert!(space.stored_bytes < 3 * BS as u64, "{space:?}");
     let to = e.path("r.img");
     e.ok(&[
         "restore",
@@ -126,10 +182,13 @@ fn full_backup_of_a_sparse_disk_stores_no_zero_blocks() {
         out.contains("incremental since full1, 0 blocks stored"),
         "{out}"
     );
-    assert_eq!(e.data_files("packs").len(), 1);
+    assert_eq!(repo_packs(&e.store), packs);
+    assert_eq!(e.space().blobs, space.blobs);
     // --full copies everything again.
     let out = e.ok(&["backup", "full2", "--full"]);
     assert!(out.contains("full, 3 blocks stored"), "{out}");
+    // ... and stores none of them twice: the same blocks give the same map.
+    assert_eq!(e.space().blobs, space.blobs);
 }
 
 #[test]
@@ -138,7 +197,8 @@ fn bad_input_is_refused_and_changes_nothing() {
     e.ok(&["backup", "a"]);
     e.ok(&["ref", "create", "p"]);
     let listing = e.ok(&["ref", "list"]);
-    let files = (e.data_files("packs"), e.data_files("index"));
+    let files = e.repo_objects();
+    assert!(!files.is_empty());
     for (args, msg) in [
         (vec!["backup", "a"], "already exists"),
         (vec!["backup", "x", "--since", "p"], "not restorable"),
@@ -166,7 +226,7 @@ fn bad_input_is_refused_and_changes_nothing() {
             .contains("cannot be used")
     );
     assert_eq!(e.ok(&["ref", "list"]), listing);
-    assert_eq!((e.data_files("packs"), e.data_files("index")), files);
+    assert_eq!(e.repo_objects(), files);
 
     // restore refuses to overwrite without --force, and leaves the file alone.
     let to = e.path("exists.img");

@@ -7,6 +7,9 @@
 //! the same value and that any truncation or flipped bit is refused.
 
 use proptest::prelude::*;
+
+#[path = "common/v2_parsers.rs"]
+mod v2_parsers;
 use vmref::format::{self, DISK_RECORD, ENVELOPE_LEN, REF_RECORD, STORE_META, crc};
 use vmref::store::StoreMeta;
 use vmref::store::records::{DiskRecord, RefRecord};
@@ -254,5 +257,20 @@ proptest! {
         let c = crc(&b[..60]);
         b[60..64].copy_from_slice(&c.to_le_bytes());
         let _ = check_header(&b, id, 65536);
+    }
+
+    #[test]
+    fn repo_pack(data in prop::collection::vec(any::<u8>(), 0..400), bit in any::<usize>()) {
+        v2_parsers::pack(&data, bit);
+    }
+
+    #[test]
+    fn repo_index(data in prop::collection::vec(any::<u8>(), 0..600)) {
+        v2_parsers::index(&data);
+    }
+
+    #[test]
+    fn repo_map_node(data in prop::collection::vec(any::<u8>(), 0..400)) {
+        v2_parsers::map_node(&data);
     }
 }

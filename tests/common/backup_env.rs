@@ -126,18 +126,22 @@ impl Env {
         self.dir.path().join(name)
     }
 
+    /// `vmref restore POINT --disk disk0 --to <temp file> --force`, and that file.
+    fn restore_run(&self, point: &str) -> (Output, PathBuf) {
+        let to = self.path(&format!("restore-{point}.img"));
+        let args = ["restore", point, "--disk", "disk0", "--to"];
+        let o = self.run(&[&args[..], &[to.to_str().unwrap(), "--force"]].concat());
+        (o, to)
+    }
+
     /// Restore `point` and return its bytes.
     pub fn restore(&self, point: &str) -> Vec<u8> {
-        let to = self.path(&format!("restore-{point}.img"));
-        self.ok(&[
-            "restore",
-            point,
-            "--disk",
-            "disk0",
-            "--to",
-            to.to_str().unwrap(),
-            "--force",
-        ]);
+        let (o, to) = self.restore_run(point);
+        assert!(
+            o.status.success(),
+            "restore {point}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
         let b = std::fs::read(&to).unwrap();
         std::fs::remove_file(&to).unwrap();
         b
@@ -155,11 +159,33 @@ impl Env {
             .collect()
     }
 
-    pub fn data_files(&self, sub: &str) -> Vec<PathBuf> {
-        let mut v: Vec<PathBuf> = std::fs::read_dir(self.store.join("data").join(sub))
-            .map(|rd| rd.flatten().map(|e| e.path()).collect())
-            .unwrap_or_default();
-        v.sort();
+    /// Run `vmref verify ARGS...`, insist that it fails saying it found damage; returns its
+    /// stdout (the damage, one line each).
+    pub fn verify_fails(&self, args: &[&str]) -> String {
+        let o = self.run(&[&["verify"], args].concat());
+        assert!(!o.status.success(), "verify {args:?} found no damage");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("damaged"), "verify {args:?}: {err}");
+        String::from_utf8(o.stdout).unwrap()
+    }
+
+    /// Restore `point` and insist that it fails without leaving a file; returns stderr.
+    pub fn restore_fails(&self, point: &str) -> String {
+        let (o, to) = self.restore_run(point);
+        assert!(!o.status.success(), "restore {point} should fail");
+        assert!(!to.exists(), "{point}: no half-restored file");
+        String::from_utf8(o.stderr).unwrap()
+    }
+
+    /// What `vmref status --json` says of the repository's space.
+    pub fn space(&self) -> vmref::backup::data::Space {
+        super::status_space(&self.ok(&["status", "--json"]))
+    }
+
+    /// The repository's pack and index objects.
+    pub fn repo_objects(&self) -> Vec<PathBuf> {
+        let mut v = super::repo_packs(&self.store);
+        v.extend(super::repo_indexes(&self.store));
         v
     }
 }

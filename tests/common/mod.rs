@@ -14,8 +14,11 @@ use std::time::{Duration, Instant};
 use parking_lot::RwLock;
 
 mod backup_env;
+mod repo_env;
 #[allow(unused_imports)]
 pub use backup_env::*;
+#[allow(unused_imports)]
+pub use repo_env::*;
 use vmref::image::{ImageSource, MemImage, PointSource};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_vmref");
