@@ -130,6 +130,19 @@ impl V1 {
         }
     }
 
+    /// Damage the first slot of the first format 1 pack (slots start at 4096, after the
+    /// header); returns where, to put it back.
+    fn flip_first_slot(&self) -> (PathBuf, u64) {
+        let mut packs: Vec<PathBuf> = std::fs::read_dir(self.store.join("data/packs"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        packs.sort();
+        let (pack, off) = (packs[0].clone(), 4096 + 100);
+        flip(&pack, off);
+        (pack, off)
+    }
+
     fn assert_upgraded(&self) {
         assert_ne!(self.meta(), fixture_meta(), "the store meta names format 2");
         assert_eq!(
@@ -269,14 +282,7 @@ fn killed_upgrade_finishes_later_with_every_point_exact() {
 #[test]
 fn damaged_v1_block_stops_the_upgrade_naming_the_point() {
     let v = V1::new();
-    let mut packs: Vec<PathBuf> = std::fs::read_dir(v.store.join("data/packs"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
-    packs.sort();
-    // The first slot of the first pack (slots start at 4096, after the header).
-    let (pack, off) = (&packs[0], 4096 + 100);
-    flip(pack, off);
+    let (pack, off) = v.flip_first_slot();
     let refs_before = v.refs();
 
     let o = v.run(&["upgrade"]);
@@ -305,7 +311,7 @@ fn damaged_v1_block_stops_the_upgrade_naming_the_point() {
     assert_eq!(v.meta(), fixture_meta());
 
     // Nothing was half-applied: with the byte put back, the upgrade finishes exactly.
-    flip(pack, off);
+    flip(&pack, off);
     v.ok(&["upgrade"]);
     v.assert_upgraded();
 }
@@ -315,12 +321,7 @@ fn damaged_v1_block_stops_the_upgrade_naming_the_point() {
 #[test]
 fn a_damaged_v1_point_can_be_deleted_and_the_rest_upgraded() {
     let v = V1::new();
-    let mut packs: Vec<PathBuf> = std::fs::read_dir(v.store.join("data/packs"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
-    packs.sort();
-    flip(&packs[0], 4096 + 100);
+    v.flip_first_slot();
     let mut deleted = Vec::new();
     loop {
         let o = v.run(&["upgrade"]);
