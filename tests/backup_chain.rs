@@ -277,3 +277,35 @@ fn lost_tracking_falls_back_to_full_with_a_warning() {
     assert_eq!(backup_info(&e, "b")["kind"], "full");
     assert_same("b", &e.restore("b"), &e.model);
 }
+
+/// Invariants 1 and 6 at depth 100: every point of a chain of a full and 99 incrementals
+/// restores exactly, however many maps lie before it, and each incremental stored only what
+/// changed (its map shares the rest with the point before).
+#[test]
+fn chain_of_100_restores_exactly_at_every_depth() {
+    let size = (256 << 10) + 100;
+    let mut rng = Rng(0x5eed_0100);
+    let mut init = vec![0u8; 64 << 10];
+    rng.fill(&mut init);
+    let mut e = Env::new(size, &init);
+    let mut points: Vec<(String, Vec<u8>)> = Vec::new();
+    for i in 0..100 {
+        if i > 0 {
+            e.random_writes(&mut rng, 1 + i % 3);
+        }
+        let name = format!("p{i:03}");
+        let out = e.ok(&["backup", &name]);
+        let want = if i == 0 { "full" } else { "incremental" };
+        assert!(out.contains(want), "{name}: {out}");
+        if i > 0 {
+            // At most 3 writes of at most 3 blocks each, each touching at most 4 blocks.
+            let stored = backup_info(&e, &name)["stored_blocks"].as_u64().unwrap();
+            assert!(stored <= 12, "{name} stored {stored} blocks");
+        }
+        points.push((name, e.model.clone()));
+    }
+    for (name, want) in &points {
+        assert_same(name, &e.restore(name), want);
+    }
+    assert!(e.ok(&["verify"]).contains("100 point(s): all good"));
+}
