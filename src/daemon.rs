@@ -163,6 +163,7 @@ fn log_path(store: &Store) -> PathBuf {
 /// Detach from the terminal: own session, stdin and stdout on /dev/null, log to the store.
 fn daemonize(store: &Store) -> Result<()> {
     use std::os::fd::AsRawFd;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     sys::setsid().map_err(Error::io("setsid for", store.root()))?;
     let null = std::fs::OpenOptions::new()
         .read(true)
@@ -170,11 +171,15 @@ fn daemonize(store: &Store) -> Result<()> {
         .open("/dev/null")
         .map_err(Error::io("open", "/dev/null"))?;
     let path = log_path(store);
+    // 0600 like every other store file: the log names images, points and errors.
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o600)
         .open(&path)
         .map_err(Error::io("open", &path))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+        .map_err(Error::io("chmod", &path))?;
     let redirect = |fd, to| sys::dup_onto(fd, to).map_err(Error::io("redirect stdio to", &path));
     redirect(null.as_raw_fd(), 0)?;
     redirect(null.as_raw_fd(), 1)?;

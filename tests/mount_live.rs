@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -229,6 +229,14 @@ fn every_unmount_is_clean() {
         } else {
             s.mount()
         };
+        if !how.starts_with("SIG") {
+            // A daemonized mount logs to STORE/daemon.log, private like every store file.
+            let mode = std::fs::metadata(s.store.join("daemon.log"))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "daemon.log mode {mode:o}");
+        }
         let off = (i as u64 + 1) * BLOCK * 3;
         run_ok(
             "qemu-io",
