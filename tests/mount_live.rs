@@ -389,3 +389,56 @@ fn concurrent_readers_while_a_writer_runs() {
     }
     assert_eq!(std::fs::read(&live).unwrap(), model);
 }
+
+/// libvirt's dynamic ownership: `chown`/`chmod` on a live file apply to the image (so QEMU
+/// running as another user can open it), the live file reports the image's owner and mode,
+/// and the ctime this moves is not taken for a write that bypassed the mount: changes stay
+/// exact across the change, a flush and a remount.
+#[test]
+fn chown_and_chmod_on_a_live_disk_apply_to_the_image_and_keep_tracking() {
+    if !fuse_ok("chown_and_chmod_on_a_live_disk_apply_to_the_image_and_keep_tracking") {
+        return;
+    }
+    use std::os::unix::fs::MetadataExt;
+    let s = Setup::new(&initial(2 * MIB));
+    s.ok(&["ref", "create", "r0"]);
+    let m = s.mount();
+    let live = s.live();
+    std::os::unix::fs::chown(&live, Some(64055), Some(994)).unwrap();
+    std::fs::set_permissions(&live, std::fs::Permissions::from_mode(0o660)).unwrap();
+    for p in [&live, &s.image] {
+        let md = std::fs::metadata(p).unwrap();
+        assert_eq!(
+            (md.uid(), md.gid(), md.mode() & 0o7777),
+            (64055, 994, 0o660),
+            "{}",
+            p.display()
+        );
+    }
+    // A tracked write after the change, then a point: the flush must not see an outside write.
+    let f = std::fs::OpenOptions::new().write(true).open(&live).unwrap();
+    f.write_all_at(&[0x5a; 4096], MIB as u64).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    s.ok(&["ref", "create", "r1"]);
+    let ch = s.json(&["changes", "--since", "r0", "--json"]);
+    let ext = changed_extents(&ch);
+    assert!(
+        ext.iter()
+            .any(|&(o, l)| o <= MIB as u64 && MIB as u64 + 4096 <= o + l),
+        "the write is reported: {ext:?}"
+    );
+    let total: u64 = ext.iter().map(|e| e.1).sum();
+    assert!(
+        total <= 64 * 1024,
+        "only the written block changed, not all: {ext:?}"
+    );
+    drop(m);
+    // Across a clean stop and a new open, still no restart.
+    let _m = s.mount();
+    let ch = s.json(&["changes", "--since", "r0", "--json"]);
+    let total: u64 = changed_extents(&ch).iter().map(|e| e.1).sum();
+    assert!(total <= 64 * 1024, "{ch}");
+    let st = s.json(&["status", "--json"]);
+    assert_eq!(st["disks"][0]["tracking"], "ok", "{st}");
+}

@@ -376,15 +376,18 @@ impl Fs {
             Node::Live { disk } => {
                 let d = self.engine.disk(disk)?;
                 let m = d.file().metadata().map_err(Error::io("stat", d.image()))?;
+                // The image's own owner and mode: libvirt chowns a disk to the QEMU user
+                // before starting a VM, and the kernel checks opens against these
+                // (default_permissions).
                 Attr {
                     ino,
                     kind: Kind::File,
                     size: d.size(),
                     blocks: m.blocks(),
-                    perm: 0o600,
+                    perm: (m.mode() & 0o7777) as u16,
                     nlink: 1,
-                    uid: self.uid,
-                    gid: self.gid,
+                    uid: m.uid(),
+                    gid: m.gid(),
                     mtime: UNIX_EPOCH + Duration::new(m.mtime() as u64, m.mtime_nsec() as u32),
                 }
             }
@@ -620,12 +623,13 @@ impl Fs {
         }
     }
 
-    /// Attribute changes: none on points or directories; on a live disk only a size equal to
-    /// its own (so `truncate -s SAME` and `O_TRUNC` of nothing succeed) and times, ignored.
+    /// Attribute changes: none on points or directories; on a live disk a size equal to its
+    /// own (so `truncate -s SAME` and `O_TRUNC` of nothing succeed), owner and mode (applied to
+    /// the image), and times, ignored.
     ///
     /// # Errors
-    /// `Fs{ReadOnly}` on points and directories, `Fs{NoResize}` for a size change,
-    /// `Fs{NotPermitted}` for mode and owner changes on a live disk.
+    /// `Fs{ReadOnly}` on points and directories, `Fs{NoResize}` for a size change; the
+    /// image's chown or chmod failing.
     pub fn setattr(&self, ino: u64, set: SetAttr) -> Result<Attr> {
         let node = self.node(ino)?;
         let attr = self.attr_of(ino, &node)?;
@@ -637,13 +641,18 @@ impl Fs {
                 if set.size.is_some_and(|s| s != attr.size) {
                     return Err(fs_err(FsKind::NoResize, node.path()));
                 }
-                if set.mode.is_some_and(|m| m & 0o7777 != u32::from(attr.perm))
-                    || set.uid.is_some_and(|u| u != attr.uid)
-                    || set.gid.is_some_and(|g| g != attr.gid)
-                {
-                    return Err(fs_err(FsKind::NotPermitted, node.path()));
+                // Owner and mode pass through to the image, as on a passthrough filesystem.
+                // The kernel has already checked the caller's right to change them against
+                // the attributes above (default_permissions), so the daemon applies them.
+                let Node::Live { disk } = &*node else {
+                    unreachable!("matched above")
+                };
+                if set.uid.is_some() || set.gid.is_some() || set.mode.is_some() {
+                    self.engine
+                        .disk(disk)?
+                        .set_owner_mode(set.uid, set.gid, set.mode)?;
                 }
-                Ok(attr)
+                self.attr_of(ino, &node)
             }
             _ => Err(fs_err(FsKind::ReadOnly, node.path())),
         }

@@ -183,6 +183,36 @@ impl LiveDisk {
         self.tracker.lock().flush(id)
     }
 
+    /// Change the image's owner and mode (libvirt's and QEMU's dynamic ownership), keeping
+    /// tracking exact: writers wait, tracking is flushed (judging any outside write before
+    /// this), the change is applied, and the identity it leaves is recorded, so the ctime it
+    /// moves is not taken for a write that bypassed the mount.
+    ///
+    /// # Errors
+    /// The image's chown or chmod failing; tracking I/O failures.
+    pub fn set_owner_mode(
+        &self,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        mode: Option<u32>,
+    ) -> Result<()> {
+        let _q = self.quiesce();
+        let before = self.identity()?;
+        let mut t = self.tracker.lock();
+        t.flush(before)?;
+        if uid.is_some() || gid.is_some() {
+            std::os::unix::fs::fchown(&self.file, uid, gid)
+                .map_err(Error::io("chown", &self.image))?;
+        }
+        if let Some(m) = mode {
+            use std::os::unix::fs::PermissionsExt;
+            self.file
+                .set_permissions(std::fs::Permissions::from_mode(m & 0o7777))
+                .map_err(Error::io("chmod", &self.image))?;
+        }
+        t.note_identity(self.identity()?)
+    }
+
     /// Clean stop: flush and mark the tracking state closed.
     pub fn close(&self) -> Result<()> {
         let _q = self.quiesce();

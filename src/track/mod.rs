@@ -320,6 +320,17 @@ impl Tracker {
         Ok(())
     }
 
+    /// Record the image's identity after a change the mount itself made to it (owner or
+    /// mode through the live file): its ctime moved, but through no write, so the next flush
+    /// or open must not take it for one. The caller quiesced writers and flushed just before,
+    /// so any earlier outside write was already judged.
+    pub fn note_identity(&mut self, id: Identity) -> Result<()> {
+        self.header.identity = id;
+        self.file.commit_header(&self.header)?;
+        self.committed = self.header.clone();
+        Ok(())
+    }
+
     /// Every tracked write since the last flush marked a region, so with no marks the image's
     /// times can only have moved through a write that bypassed the mount: restart tracking at
     /// the current number.
