@@ -36,6 +36,7 @@ pub mod image;
 pub mod manage;
 pub mod progress;
 pub mod restore;
+pub mod retention;
 pub mod run;
 pub mod verify;
 
