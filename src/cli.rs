@@ -77,6 +77,9 @@ pub enum Command {
         /// Copy the blocks changed since this restorable point (default: the newest one)
         #[arg(long, value_name = "REF")]
         since: Option<String>,
+        /// The backup tool or policy that owns the point (only `prune --owner` of it removes it)
+        #[arg(long)]
+        owner: Option<String>,
         /// Print one JSON document on stdout
         #[arg(long)]
         json: bool,
@@ -103,11 +106,42 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Delete older restorable points, keeping the newest N (every kept point stays exact)
+    /// Delete the restorable points no retention rule keeps (every kept point stays exact)
+    #[command(after_help = "\
+A point kept by any rule is kept. Each period rule keeps the newest point of each of the N
+most recent periods (local time, $TZ honoured) that have one. The policy applies to the
+points of --owner, or without it to the points without an owner; plain points are never
+pruned.
+
+Example: vmref prune --keep-last 3 --keep-daily 7 --keep-weekly 4 --keep-monthly 12 --dry-run")]
     Prune {
-        /// How many of the newest restorable points to keep
+        /// Keep the newest N points
         #[arg(long, value_name = "N")]
-        keep_last: u32,
+        keep_last: Option<u32>,
+        /// Keep the newest point of each of the last N hours that have one
+        #[arg(long, value_name = "N")]
+        keep_hourly: Option<u32>,
+        /// Keep the newest point of each of the last N days that have one
+        #[arg(long, value_name = "N")]
+        keep_daily: Option<u32>,
+        /// Keep the newest point of each of the last N ISO weeks (Monday to Sunday) that have one
+        #[arg(long, value_name = "N")]
+        keep_weekly: Option<u32>,
+        /// Keep the newest point of each of the last N months that have one
+        #[arg(long, value_name = "N")]
+        keep_monthly: Option<u32>,
+        /// Keep the newest point of each of the last N years that have one
+        #[arg(long, value_name = "N")]
+        keep_yearly: Option<u32>,
+        /// Apply the policy to this owner's points (default: the points without an owner)
+        #[arg(long)]
+        owner: Option<String>,
+        /// List what would be deleted and what is kept (and by which rules); delete nothing
+        #[arg(long)]
+        dry_run: bool,
+        /// Print one JSON document on stdout
+        #[arg(long)]
+        json: bool,
     },
     /// The store, its disks and their tracking state
     Status {

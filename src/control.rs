@@ -23,7 +23,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::backup::manage::PruneReport;
+use crate::backup::manage::{PruneArgs, PruneReport};
 use crate::backup::restore::RestoreReport;
 use crate::backup::run::BackupReport;
 use crate::backup::verify::VerifyReport;
@@ -35,7 +35,8 @@ use crate::store::records::{DiskRecord, RefRecord, RefState};
 
 /// The control protocol's version, sent in every request and reply. Bump it when a request
 /// or reply changes shape.
-pub const PROTOCOL: u32 = 1;
+/// (2: `prune` carries a retention policy, owner, dry run and zone; `backup` an owner.)
+pub const PROTOCOL: u32 = 2;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "kebab-case")]
@@ -57,11 +58,12 @@ pub enum Request {
         name: String,
         full: bool,
         since: Option<String>,
+        /// The new point's owner.
+        #[serde(default)]
+        owner: Option<String>,
     },
-    /// Delete all but the newest `keep_last` restorable points.
-    Prune {
-        keep_last: u32,
-    },
+    /// Delete the restorable points of one owner that no retention rule keeps.
+    Prune(PruneArgs),
     Changes {
         since: String,
         disk: Option<String>,
@@ -163,14 +165,20 @@ pub fn execute_with(
         } => raw(&engine.ref_create(name, owner.as_deref(), point_state(*checkpoint))?),
         Request::RefDelete { name } => raw(&backup::manage::delete(engine, name)?),
         Request::RefDemote { name } => raw(&backup::manage::demote(engine, name)?),
-        Request::Backup { name, full, since } => raw(&backup::run::backup(
+        Request::Backup {
+            name,
+            full,
+            since,
+            owner,
+        } => raw(&backup::run::backup(
             engine,
             name,
+            owner.as_deref(),
             *full,
             since.as_deref(),
             progress,
         )?),
-        Request::Prune { keep_last } => raw(&backup::manage::prune(engine, *keep_last)?),
+        Request::Prune(args) => raw(&backup::manage::prune(engine, args)?),
         Request::Changes { since, disk } => raw(&engine.changes(since, disk.as_deref())?),
         Request::DiskAdd { name, image } => raw(&engine.disk_add(name, image)?),
         Request::DiskRemove { name } => {
@@ -350,6 +358,7 @@ pub fn ref_demote(store: &Store, name: &str) -> Result<RefRecord> {
 pub fn backup(
     store: &Store,
     name: &str,
+    owner: Option<&str>,
     full: bool,
     since: Option<&str>,
     progress: &dyn Progress,
@@ -358,9 +367,10 @@ pub fn backup(
         name: name.to_string(),
         full,
         since: since.map(str::to_string),
+        owner: owner.map(str::to_string),
     };
     run_typed(store, &req, |e| {
-        backup::run::backup(e, name, full, since, progress)
+        backup::run::backup(e, name, owner, full, since, progress)
     })
 }
 
@@ -368,9 +378,9 @@ pub fn backup(
 ///
 /// # Errors
 /// As `backup::manage::prune`.
-pub fn prune(store: &Store, keep_last: u32) -> Result<PruneReport> {
-    run_typed(store, &Request::Prune { keep_last }, |e| {
-        backup::manage::prune(e, keep_last)
+pub fn prune(store: &Store, args: &PruneArgs) -> Result<PruneReport> {
+    run_typed(store, &Request::Prune(args.clone()), |e| {
+        backup::manage::prune(e, args)
     })
 }
 
@@ -676,4 +686,35 @@ pub fn bind(path: &Path) -> Result<UnixListener> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .map_err(Error::io("chmod", path))?;
     Ok(l)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backup::retention::Policy;
+
+    #[test]
+    fn prune_request_round_trips_on_the_wire() {
+        let req = Request::Prune(PruneArgs {
+            policy: Policy {
+                keep_daily: Some(7),
+                keep_last: Some(2),
+                ..Policy::default()
+            },
+            owner: Some("veeam".into()),
+            dry_run: true,
+            tz: Some("Europe/Berlin".into()),
+        });
+        let line = serde_json::to_string(&RequestLine {
+            v: PROTOCOL,
+            request: &req,
+        })
+        .unwrap();
+        assert!(line.contains(r#""op":"prune""#), "{line}");
+        assert!(line.contains(r#""keep_daily":7"#), "{line}");
+        assert_eq!(parse_request(&line).unwrap(), req);
+        // A request of protocol 1 is refused, not carried out with missing fields.
+        let old = r#"{"v":1,"request":{"op":"prune","keep_last":3}}"#;
+        assert!(matches!(parse_request(old), Err(Error::Protocol { .. })));
+    }
 }

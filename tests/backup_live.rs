@@ -106,11 +106,11 @@ fn backup_during_writes_is_exact_at_the_checkpoint() {
     // be (the one in flight then may have started before the checkpoint, so `+ 1`).
     wait_for_writes(&done, 500);
     let full_lo = done.load(Ordering::Acquire);
-    let full = vmref::backup::run::backup(&engine, "full", false, None, &NoProgress).unwrap();
+    let full = vmref::backup::run::backup(&engine, "full", None, false, None, &NoProgress).unwrap();
     let full_hi = done.load(Ordering::Acquire) + 1;
     assert_eq!(full.point.backup.as_ref().unwrap().kind, "full");
     let inc_lo = done.load(Ordering::Acquire);
-    let inc = vmref::backup::run::backup(&engine, "inc", false, None, &NoProgress).unwrap();
+    let inc = vmref::backup::run::backup(&engine, "inc", None, false, None, &NoProgress).unwrap();
     let inc_hi = done.load(Ordering::Acquire) + 1;
     assert_eq!(inc.point.backup.as_ref().unwrap().kind, "incremental");
     wait_for_writes(&done, inc_hi + 500);

@@ -251,7 +251,7 @@ fn a_point_read_during_its_backup_stays_exact_after_it() {
         },
         Default::default(),
     );
-    vmref::backup::run::backup(&engine, "a", false, None, &progress).unwrap();
+    vmref::backup::run::backup(&engine, "a", None, false, None, &progress).unwrap();
     let held = held.lock().take().expect("read during the backup");
 
     // The VM writes every block after the commit.

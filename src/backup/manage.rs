@@ -1,5 +1,6 @@
 //! Point lifecycle beyond creation: demote a checkpoint, delete a point (with its backup data),
-//! prune old restorable points, and recovery at engine open.
+//! prune restorable points by a retention policy (chosen by `retention`), and recovery at
+//! engine open.
 //!
 //! Atomicity (invariant 4): a delete commits by removing the point's record; a prune, which
 //! removes several records, commits by renaming its journal into place and is rolled forward
@@ -14,6 +15,7 @@ use crate::format::{self, Kind};
 use crate::store::records::{RefRecord, RefState};
 use crate::store::{Store, atomic};
 
+use super::retention::{self, Candidate, Kept, Policy};
 use super::{Owner, gc};
 
 /// Do not modify the magic: identifies prune journals.
@@ -182,25 +184,44 @@ pub fn delete_damaged_record(store: &Store, name: &str) -> Result<()> {
     store.remove_ref_record(name)
 }
 
-/// What a prune did.
+/// What `prune` is asked: the policy, whose points it applies to, and the zone its calendar
+/// periods are in.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PruneArgs {
+    #[serde(flatten)]
+    pub policy: Policy,
+    /// The owner whose restorable points the policy applies to; `None`: points without one.
+    #[serde(default)]
+    pub owner: Option<String>,
+    /// Report what would be deleted, delete nothing.
+    #[serde(default)]
+    pub dry_run: bool,
+    /// The asking command's `TZ` (see `retention::zone`).
+    #[serde(default)]
+    pub tz: Option<String>,
+}
+
+/// What a prune did (or, in a dry run, would do) to the points in its scope, oldest first.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PruneReport {
+    pub owner: Option<String>,
+    pub dry_run: bool,
     pub deleted: Vec<String>,
-    pub kept: Vec<String>,
+    pub kept: Vec<Kept>,
+    /// Bytes the collection after the prune freed (0 in a dry run).
     pub freed_bytes: u64,
 }
 
-/// `prune --keep-last N`: delete every restorable point but the newest `keep`.
+/// `prune`: delete the restorable points of one owner (or without one) that no rule of the
+/// policy keeps (see `retention`). Plain points and other owners' points are never touched.
 ///
 /// # Errors
-/// `BadArgument` for `keep == 0`; I/O failures (before the journal is in place nothing changed;
-/// after, the next engine open finishes the prune).
-pub fn prune(owner: &dyn Owner, keep: u32) -> Result<PruneReport> {
-    if keep == 0 {
-        return Err(Error::BadArgument(
-            "--keep-last must be at least 1 (use `ref delete` to remove every point)".into(),
-        ));
-    }
+/// `BadArgument` for a policy without a rule, a rule of 0 or an unknown `TZ`; I/O failures
+/// (before the journal is in place nothing changed; after, the next engine open finishes the
+/// prune).
+pub fn prune(owner: &dyn Owner, args: &PruneArgs) -> Result<PruneReport> {
+    args.policy.validate()?;
+    let zone = retention::zone(args.tz.as_deref())?;
     let _op = owner.lock_ops();
     let store = owner.store();
     let restorable: Vec<RefRecord> = store
@@ -208,14 +229,33 @@ pub fn prune(owner: &dyn Owner, keep: u32) -> Result<PruneReport> {
         .into_iter()
         .filter(|r| r.state == RefState::Restorable)
         .collect();
-    let cut = restorable.len().saturating_sub(keep as usize);
-    let (old, kept) = restorable.split_at(cut);
+    let candidates: Vec<Candidate<'_>> = restorable
+        .iter()
+        .map(|r| Candidate {
+            name: &r.name,
+            created_unix: r.created_unix,
+            owner: r.owner.as_deref(),
+        })
+        .collect();
+    let sel = retention::select(
+        &candidates,
+        &args.policy,
+        args.owner.as_deref(),
+        &retention::calendar_in(&zone),
+    );
+    let gone: std::collections::HashSet<&str> = sel.deleted.iter().map(String::as_str).collect();
+    let old: Vec<&RefRecord> = restorable
+        .iter()
+        .filter(|r| gone.contains(r.name.as_str()))
+        .collect();
     let mut report = PruneReport {
-        deleted: old.iter().map(|r| r.name.clone()).collect(),
-        kept: kept.iter().map(|r| r.name.clone()).collect(),
+        owner: args.owner.clone(),
+        dry_run: args.dry_run,
+        deleted: sel.deleted,
+        kept: sel.kept,
         freed_bytes: 0,
     };
-    if old.is_empty() {
+    if old.is_empty() || args.dry_run {
         return Ok(report);
     }
     super::ensure_dirs(store)?;

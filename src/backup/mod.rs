@@ -36,6 +36,7 @@ pub mod image;
 pub mod manage;
 pub mod progress;
 pub mod restore;
+pub mod retention;
 pub mod run;
 pub mod verify;
 
@@ -171,7 +172,7 @@ pub trait Owner: Send + Sync {
     ///
     /// # Errors
     /// A bad or existing name, an unavailable disk, I/O failures (then no point exists).
-    fn checkpoint_locked(&self, name: &str) -> Result<Arc<Checkpoint>>;
+    fn checkpoint_locked(&self, name: &str, owner: Option<&str>) -> Result<Arc<Checkpoint>>;
 }
 
 /// A shared owner (`Arc<Engine>`, as the daemon holds it) is an owner.
@@ -185,7 +186,7 @@ impl<T: Owner + ?Sized> Owner for Arc<T> {
     fn lock_ops(&self) -> MutexGuard<'_, ()> {
         (**self).lock_ops()
     }
-    fn checkpoint_locked(&self, name: &str) -> Result<Arc<Checkpoint>> {
-        (**self).checkpoint_locked(name)
+    fn checkpoint_locked(&self, name: &str, owner: Option<&str>) -> Result<Arc<Checkpoint>> {
+        (**self).checkpoint_locked(name, owner)
     }
 }

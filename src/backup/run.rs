@@ -54,7 +54,8 @@ pub struct BackupReport {
 }
 
 /// Take a backup named `name`: full when `full` or when there is no base, else incremental
-/// since `since` (default: the newest restorable point).
+/// since `since` (default: the newest restorable point, of any owner). The point belongs to
+/// `point_owner` (a `prune --owner` of that owner is the only prune that may remove it).
 ///
 /// # Errors
 /// A bad or existing name, a `since` that is not restorable, I/O failures (then no point
@@ -62,6 +63,7 @@ pub struct BackupReport {
 pub fn backup(
     owner: &dyn Owner,
     name: &str,
+    point_owner: Option<&str>,
     full: bool,
     since: Option<&str>,
     progress: &dyn Progress,
@@ -92,7 +94,7 @@ pub fn backup(
             .rfind(|r| r.state == RefState::Restorable),
     };
     super::ensure_dirs(store)?;
-    let cp = owner.checkpoint_locked(name)?;
+    let cp = owner.checkpoint_locked(name, point_owner)?;
     let result = copy(owner, &cp, base.as_ref(), progress);
     // Demote: the copy is done (or failed); the saved blocks are no longer needed. Blobs a
     // failed copy stored are garbage for the next collection.

@@ -4,18 +4,20 @@ use std::io::Write;
 use std::path::Path;
 
 use super::{Ctx, human};
+use crate::backup::manage::PruneArgs;
 use crate::control;
 use crate::error::{Error, Result};
 
 pub(super) fn backup(
     cx: &mut Ctx<'_, impl Write>,
     name: &str,
+    owner: Option<&str>,
     full: bool,
     since: Option<&str>,
     json: bool,
 ) -> Result<()> {
     let s = cx.open_store()?;
-    let r = control::backup(&s, name, full, since, cx.progress)?;
+    let r = control::backup(&s, name, owner, full, since, cx.progress)?;
     for w in &r.warnings {
         eprintln!("vmref: warning: {w}");
     }
@@ -86,12 +88,33 @@ pub(super) fn verify(cx: &mut Ctx<'_, impl Write>, point: Option<&str>, json: bo
     }
 }
 
-pub(super) fn prune(cx: &mut Ctx<'_, impl Write>, keep_last: u32) -> Result<()> {
+pub(super) fn prune(cx: &mut Ctx<'_, impl Write>, args: &PruneArgs, json: bool) -> Result<()> {
     let s = cx.open_store()?;
-    let r = control::prune(&s, keep_last)?;
+    let r = control::prune(&s, args)?;
+    if json {
+        return cx.print_json(&r);
+    }
+    let whose = match &r.owner {
+        Some(o) => format!("of owner {o}"),
+        None => "without an owner".to_string(),
+    };
+    if r.dry_run {
+        for k in &r.kept {
+            let rules: Vec<&str> = k.rules.iter().map(|r| r.as_str()).collect();
+            cx.emit(format!("keep   {} ({})", k.name, rules.join(", ")))?;
+        }
+        for d in &r.deleted {
+            cx.emit(format!("delete {d}"))?;
+        }
+        return cx.emit(format!(
+            "dry run: would prune {} and keep {} restorable point(s) {whose}; nothing deleted",
+            r.deleted.len(),
+            r.kept.len()
+        ));
+    }
     if r.deleted.is_empty() {
         return cx.emit(format!(
-            "nothing to prune ({} restorable point(s))",
+            "nothing to prune ({} restorable point(s) {whose})",
             r.kept.len()
         ));
     }

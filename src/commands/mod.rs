@@ -87,8 +87,9 @@ fn run_to(cli: Cli, out: &mut impl Write, progress: &dyn Progress) -> Result<()>
             name,
             full,
             since,
+            owner,
             json,
-        } => backup::backup(cx, &name, full, since.as_deref(), json),
+        } => backup::backup(cx, &name, owner.as_deref(), full, since.as_deref(), json),
         Command::Restore {
             point,
             disk,
@@ -96,7 +97,33 @@ fn run_to(cli: Cli, out: &mut impl Write, progress: &dyn Progress) -> Result<()>
             force,
         } => backup::restore(cx, &point, &disk, &to, force),
         Command::Verify { point, json } => backup::verify(cx, point.as_deref(), json),
-        Command::Prune { keep_last } => backup::prune(cx, keep_last),
+        Command::Prune {
+            keep_last,
+            keep_hourly,
+            keep_daily,
+            keep_weekly,
+            keep_monthly,
+            keep_yearly,
+            owner,
+            dry_run,
+            json,
+        } => {
+            let args = crate::backup::manage::PruneArgs {
+                policy: crate::backup::retention::Policy {
+                    keep_last,
+                    keep_hourly,
+                    keep_daily,
+                    keep_weekly,
+                    keep_monthly,
+                    keep_yearly,
+                },
+                owner,
+                dry_run,
+                // The daemon may run in another zone: the calendar is the asking shell's.
+                tz: std::env::var_os("TZ").map(|v| v.to_string_lossy().into_owned()),
+            };
+            backup::prune(cx, &args, json)
+        }
     }
 }
 

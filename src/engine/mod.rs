@@ -281,7 +281,7 @@ impl Engine {
             name: name.to_string(),
             id: random_id()?,
             serial,
-            created_unix: now_unix(),
+            created_unix: point_created_unix(),
             owner: owner.map(str::to_string),
             state,
             disks: points,
@@ -418,6 +418,17 @@ fn recover(store: &mut Store) -> Result<bool> {
 
 /// Owners are matched exactly by `ref list --owner` and printed in listings, so they keep to
 /// the name alphabet: nothing that needs quoting.
+/// When a new point is created: now, or for tests `VMREF_TEST_NOW` (Unix seconds), read by
+/// whichever process creates the point (the daemon when the store is mounted). It lets the
+/// retention tests (tests/retention.rs) place points made by real backups in chosen hours,
+/// days and years; only the recorded creation time changes, nothing else reads the variable.
+fn point_created_unix() -> u64 {
+    std::env::var("VMREF_TEST_NOW")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(now_unix)
+}
+
 fn validate_owner(owner: &str) -> Result<()> {
     names::validate(owner).map_err(|e| match e {
         Error::BadName { name, why } => Error::BadName {

@@ -29,8 +29,8 @@ impl Owner for Engine {
         self.ops.lock()
     }
 
-    fn checkpoint_locked(&self, name: &str) -> Result<Arc<Checkpoint>> {
-        let (_, cp) = self.create_locked(name, None, RefState::Checkpoint, false)?;
+    fn checkpoint_locked(&self, name: &str, owner: Option<&str>) -> Result<Arc<Checkpoint>> {
+        let (_, cp) = self.create_locked(name, owner, RefState::Checkpoint, false)?;
         Ok(cp.expect("a point created as a checkpoint opens one"))
     }
 }
