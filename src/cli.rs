@@ -115,24 +115,8 @@ pruned.
 
 Example: vmref prune --keep-last 3 --keep-daily 7 --keep-weekly 4 --keep-monthly 12 --dry-run")]
     Prune {
-        /// Keep the newest N points
-        #[arg(long, value_name = "N")]
-        keep_last: Option<u32>,
-        /// Keep the newest point of each of the last N hours that have one
-        #[arg(long, value_name = "N")]
-        keep_hourly: Option<u32>,
-        /// Keep the newest point of each of the last N days that have one
-        #[arg(long, value_name = "N")]
-        keep_daily: Option<u32>,
-        /// Keep the newest point of each of the last N ISO weeks (Monday to Sunday) that have one
-        #[arg(long, value_name = "N")]
-        keep_weekly: Option<u32>,
-        /// Keep the newest point of each of the last N months that have one
-        #[arg(long, value_name = "N")]
-        keep_monthly: Option<u32>,
-        /// Keep the newest point of each of the last N years that have one
-        #[arg(long, value_name = "N")]
-        keep_yearly: Option<u32>,
+        #[command(flatten)]
+        policy: crate::backup::retention::Policy,
         /// Apply the policy to this owner's points (default: the points without an owner)
         #[arg(long)]
         owner: Option<String>,

@@ -27,18 +27,31 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 
 /// The rules of one prune: how many periods of each kind to keep (`None`: rule not used).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// Also the `prune` command's flags (flattened into it by `cli`), so the two never drift.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::Args)]
 pub struct Policy {
+    /// Keep the newest N points
+    #[arg(long, value_name = "N")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keep_last: Option<u32>,
+    /// Keep the newest point of each of the last N hours that have one
+    #[arg(long, value_name = "N")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keep_hourly: Option<u32>,
+    /// Keep the newest point of each of the last N days that have one
+    #[arg(long, value_name = "N")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keep_daily: Option<u32>,
+    /// Keep the newest point of each of the last N ISO weeks (Monday to Sunday) that have one
+    #[arg(long, value_name = "N")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keep_weekly: Option<u32>,
+    /// Keep the newest point of each of the last N months that have one
+    #[arg(long, value_name = "N")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keep_monthly: Option<u32>,
+    /// Keep the newest point of each of the last N years that have one
+    #[arg(long, value_name = "N")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keep_yearly: Option<u32>,
 }

@@ -98,25 +98,13 @@ fn run_to(cli: Cli, out: &mut impl Write, progress: &dyn Progress) -> Result<()>
         } => backup::restore(cx, &point, &disk, &to, force),
         Command::Verify { point, json } => backup::verify(cx, point.as_deref(), json),
         Command::Prune {
-            keep_last,
-            keep_hourly,
-            keep_daily,
-            keep_weekly,
-            keep_monthly,
-            keep_yearly,
+            policy,
             owner,
             dry_run,
             json,
         } => {
             let args = crate::backup::manage::PruneArgs {
-                policy: crate::backup::retention::Policy {
-                    keep_last,
-                    keep_hourly,
-                    keep_daily,
-                    keep_weekly,
-                    keep_monthly,
-                    keep_yearly,
-                },
+                policy,
                 owner,
                 dry_run,
                 // The daemon may run in another zone: the calendar is the asking shell's.
