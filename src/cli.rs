@@ -133,6 +133,14 @@ Example: vmref prune --keep-last 3 --keep-daily 7 --keep-weekly 4 --keep-monthly
         #[arg(long)]
         json: bool,
     },
+    /// Print a completion script for SHELL (bash, zsh or fish) on stdout
+    #[command(
+        after_help = "Examples:\n  vmref completions bash > /etc/bash_completion.d/vmref\n  vmref completions zsh > \"${fpath[1]}/_vmref\"\n  vmref completions fish > ~/.config/fish/completions/vmref.fish"
+    )]
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// Convert a store made by an older release to the current format, in place
     Upgrade {
         /// Print one JSON document on stdout

@@ -813,3 +813,29 @@ fn damaged_tracking_state_fails_changes_with_the_reason() {
     let line = fails_one_line(e.run(&args), &args);
     assert!(line.contains("damaged") && line.contains("full"), "{line}");
 }
+
+/// `vmref completions SHELL` prints a script the shell accepts, naming every command, with no
+/// store needed.
+#[test]
+fn completions_for_bash_zsh_and_fish() {
+    let bash = ok(run_raw(&["completions", "bash"], &[]), &["completions"]);
+    for cmd in ["backup", "restore", "prune", "upgrade", "keep-daily"] {
+        assert!(bash.contains(cmd), "bash completion names {cmd}");
+    }
+    let mut sh = Command::new("bash")
+        .arg("-n")
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(sh.stdin.as_mut().unwrap(), bash.as_bytes()).unwrap();
+    assert!(sh.wait().unwrap().success(), "bash -n accepts the script");
+    let zsh = ok(run_raw(&["completions", "zsh"], &[]), &["completions"]);
+    assert!(
+        zsh.starts_with("#compdef vmref"),
+        "{}",
+        &zsh[..40.min(zsh.len())]
+    );
+    let fish = ok(run_raw(&["completions", "fish"], &[]), &["completions"]);
+    assert!(fish.contains("complete -c vmref") && fish.contains("upgrade"));
+    assert!(!run_raw(&["completions", "tcsh"], &[]).status.success());
+}

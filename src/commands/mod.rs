@@ -61,6 +61,13 @@ fn run_to(cli: Cli, out: &mut impl Write, progress: &dyn Progress) -> Result<()>
             compression,
         } => store::init(cx, block_size, compression),
         Command::Upgrade { json } => store::upgrade(cx, json),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            let mut cmd = Cli::command();
+            let mut buf = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "vmref", &mut buf);
+            cx.out.write_all(&buf).map_err(Error::io("write", "stdout"))
+        }
         Command::Status { json } => store::status(cx, json),
         Command::Mount {
             mountpoint,
