@@ -132,6 +132,15 @@ Example: vmref prune --keep-last 3 --keep-daily 7 --keep-weekly 4 --keep-monthly
         /// Print one JSON document on stdout
         #[arg(long)]
         json: bool,
+        /// For monitors: print one line and exit non-zero when a disk is unavailable, its
+        /// changes since the newest backup are unknown (the next backup must be full), or the
+        /// newest backup is older than --max-age
+        #[arg(long)]
+        check: bool,
+        /// With --check: the oldest acceptable newest backup, in seconds (else the config's
+        /// max_backup_age_secs; unset: age is not checked)
+        #[arg(long, value_name = "SECS", requires = "check")]
+        max_age: Option<u64>,
     },
     /// Print a completion script for SHELL (bash, zsh or fish) on stdout
     #[command(

@@ -25,6 +25,8 @@ pub struct Config {
     pub flush_interval_secs: Option<u64>,
     /// Mount with allow_other even without `--allow-other`.
     pub allow_other: Option<bool>,
+    /// `status --check` fails when the newest backup is older than this many seconds.
+    pub max_backup_age_secs: Option<u64>,
 }
 
 impl Config {

@@ -111,6 +111,9 @@ pub enum Error {
     /// A caller broke a library contract (e.g. map changes out of order): a bug, not damage.
     #[error("internal error: {0}")]
     Internal(String),
+    /// `status --check` found problems; the text lists them.
+    #[error("check failed: {0}")]
+    CheckFailed(String),
     /// A store in an older format, opened by a command that does not upgrade it.
     #[error("store {0} holds backup data in format 1; run `vmref upgrade` (or mount it) first")]
     NeedsUpgrade(PathBuf),
@@ -229,9 +232,11 @@ impl Error {
             Error::PackFull => libc::EFBIG,
             Error::VerifyFailed(_) => libc::EIO,
             Error::Daemon(_) | Error::Protocol { .. } => libc::EPROTO,
-            Error::Mount(_) | Error::Internal(_) | Error::Repo(_) | Error::NeedsUpgrade(_) => {
-                libc::EIO
-            }
+            Error::Mount(_)
+            | Error::Internal(_)
+            | Error::Repo(_)
+            | Error::NeedsUpgrade(_)
+            | Error::CheckFailed(_) => libc::EIO,
             Error::Fs { kind, .. } => match kind {
                 FsKind::NotFound => libc::ENOENT,
                 FsKind::ReadOnly => libc::EROFS,

@@ -68,7 +68,10 @@ fn run_to(cli: Cli, out: &mut impl Write, progress: &dyn Progress) -> Result<()>
             clap_complete::generate(shell, &mut cmd, "vmref", &mut buf);
             cx.out.write_all(&buf).map_err(Error::io("write", "stdout"))
         }
-        Command::Status { json } => store::status(cx, json),
+        Command::Status {
+            json, check: false, ..
+        } => store::status(cx, json),
+        Command::Status { max_age, .. } => store::check(cx, max_age),
         Command::Mount {
             mountpoint,
             foreground,

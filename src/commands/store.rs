@@ -115,6 +115,63 @@ pub(super) fn status(cx: &mut Ctx<'_, impl Write>, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// `status --check`: one line, and an error naming every problem a monitor must see.
+pub(super) fn check(cx: &mut Ctx<'_, impl Write>, max_age: Option<u64>) -> Result<()> {
+    let s = cx.open_store()?;
+    let st = control::status(&s)?;
+    let refs = s.refs()?;
+    let newest = refs
+        .iter()
+        .rev()
+        .find(|r| r.state == crate::store::records::RefState::Restorable);
+    let mut problems = Vec::new();
+    for d in &st.disks {
+        if d.size.is_none() {
+            problems.push(format!("disk {}: {}", d.name, d.tracking));
+            continue;
+        }
+        let since = newest.and_then(|n| n.disks.get(&d.name).map(|p| (n, p.seq)));
+        if let (Some((n, seq)), Some(base)) = (since, d.tracked_since_seq)
+            && seq < base
+        {
+            let why = d.restart_reason.as_deref().unwrap_or_default();
+            problems.push(format!(
+                "disk {}: changes since {} are unknown ({why}); the next backup is full",
+                d.name, n.name
+            ));
+        }
+    }
+    let now = store::now_unix();
+    let age = newest.map(|n| {
+        let done = n
+            .backup
+            .as_ref()
+            .map_or(n.created_unix, |b| b.finished_unix);
+        now.saturating_sub(done)
+    });
+    if let Some(max) = max_age.or(cx.config.max_backup_age_secs) {
+        match (newest, age) {
+            (Some(n), Some(a)) if a > max => problems.push(format!(
+                "the newest backup, {}, is {a} s old (more than {max} s)",
+                n.name
+            )),
+            (None, _) => problems.push("no backup yet".to_string()),
+            _ => {}
+        }
+    }
+    if !problems.is_empty() {
+        return Err(Error::CheckFailed(problems.join("; ")));
+    }
+    cx.emit(match (newest, age) {
+        (Some(n), Some(a)) => format!(
+            "ok: {} disk(s) tracked; newest backup {} is {a} s old",
+            st.disks.len(),
+            n.name
+        ),
+        _ => format!("ok: {} disk(s) tracked; no backup yet", st.disks.len()),
+    })
+}
+
 pub(super) fn mount(
     cx: &mut Ctx<'_, impl Write>,
     mountpoint: PathBuf,
