@@ -20,7 +20,7 @@ use crate::track::seqmap::BlockRun;
 
 use crate::repo::map::{MapBuilder, MapRoot};
 use crate::repo::repository::Repository;
-use crate::repo::{BlobKind, BlobStore, Hash};
+use crate::repo::{BlobKind, Hash};
 
 use super::cow::{Checkpoint, CheckpointImage};
 use super::data::{Data, map_of, point_map};
@@ -356,38 +356,27 @@ impl Copier<'_> {
     }
 }
 
-/// Hash, compress and store the blocks of `chunk` (zero blocks become holes), spread over the
-/// cores: compression is where a backup spends its CPU, and the repository takes puts from
-/// several threads. Hashes come back in block order.
+/// Hash, compress and store the blocks of `chunk` (zero blocks become holes), the compression
+/// spread over the cores (where a backup spends its CPU), the blocks appended to packs in block
+/// order. Hashes come back in block order.
 fn put_blocks(repo: &Repository, chunk: &[u8], bs: usize) -> Result<Vec<Hash>> {
-    let put = |block: &[u8]| -> Result<Hash> {
-        if is_zero(block) {
-            Ok(Hash::ZERO)
-        } else {
-            repo.put(BlobKind::Data, block)
-        }
-    };
     let blocks: Vec<&[u8]> = chunk.chunks(bs).collect();
+    let data: Vec<&[u8]> = blocks.iter().copied().filter(|b| !is_zero(b)).collect();
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)
-        .clamp(1, 8)
-        .min(blocks.len().max(1));
-    if threads <= 1 {
-        return blocks.into_iter().map(put).collect();
-    }
-    let per = blocks.len().div_ceil(threads);
-    std::thread::scope(|s| {
-        let handles: Vec<_> = blocks
-            .chunks(per)
-            .map(|part| s.spawn(move || part.iter().map(|b| put(b)).collect::<Result<Vec<_>>>()))
-            .collect();
-        let mut out = Vec::with_capacity(blocks.len());
-        for h in handles {
-            out.extend(h.join().expect("backup put thread panicked")?);
-        }
-        Ok(out)
-    })
+        .min(8);
+    let mut stored = repo.put_many(BlobKind::Data, &data, threads)?.into_iter();
+    Ok(blocks
+        .iter()
+        .map(|b| {
+            if is_zero(b) {
+                Hash::ZERO
+            } else {
+                stored.next().expect("one hash per data block")
+            }
+        })
+        .collect())
 }
 
 /// Index objects the repository may hold before a backup folds them into one.
