@@ -8,7 +8,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::Result;
 use crate::image::ImageSource;
-use crate::repo::Hash;
 use crate::repo::map::MapRoot;
 use crate::store::Store;
 use crate::store::records::RefRecord;
@@ -45,18 +44,6 @@ impl PointImage {
             last_end: AtomicU64::new(u64::MAX),
             ahead: AtomicU64::new(0),
         })
-    }
-
-    pub fn map(&self) -> &MapRoot {
-        &self.map
-    }
-
-    /// The hash of block `b` (`Hash::ZERO` for a hole).
-    ///
-    /// # Errors
-    /// `Format` for a damaged map node.
-    pub fn block_hash(&self, b: u64) -> Result<Hash> {
-        self.data.maps.lookup(&self.map, b)
     }
 }
 

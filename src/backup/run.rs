@@ -261,7 +261,7 @@ impl Copier<'_> {
         &mut self,
         runs: &[BlockRun],
         progress: &dyn Progress,
-        mut each: impl FnMut(&mut Self, u64, Hash) -> Result<()>,
+        mut each: impl FnMut(u64, Hash) -> Result<()>,
     ) -> Result<()> {
         let bs = self.bs;
         let size = self.image.size();
@@ -290,7 +290,7 @@ impl Copier<'_> {
                     if !h.is_zero() {
                         self.stored += 1;
                     }
-                    each(self, b + i as u64, h)?;
+                    each(b + i as u64, h)?;
                 }
                 self.scanned += n;
                 progress.inc(len as u64);
@@ -307,7 +307,7 @@ impl Copier<'_> {
         let repo = self.data.repo.clone();
         let mut builder = MapBuilder::new(&*repo, nblocks);
         let mut data_blocks = 0u64;
-        self.for_each_block(runs, progress, |_, b, h| {
+        self.for_each_block(runs, progress, |b, h| {
             if !h.is_zero() {
                 data_blocks += 1;
                 builder.push(b, h)?;
@@ -344,7 +344,7 @@ impl Copier<'_> {
             *map = maps.update(map, batch.drain(..))?;
             Ok(())
         };
-        self.for_each_block(runs, progress, |_, b, h| {
+        self.for_each_block(runs, progress, |b, h| {
             batch.push((b, h));
             if batch.len() >= UPDATE_BATCH {
                 apply(&mut batch, &mut map)?;

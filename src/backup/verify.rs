@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::error::Result;
-use crate::repo::Hash;
+use crate::repo::{BlobKind, BlobStore, Hash};
 use crate::store::Store;
 use crate::store::records::{RefRecord, RefState};
 
@@ -104,7 +104,12 @@ pub fn verify(
                     report.checked_blocks += 1;
                     report.checked_bytes += bs;
                     progress.inc(bs);
-                    data.block(&h).err().map(|e| e.to_string())
+                    // From storage, never from the read cache: a block cached before its
+                    // stored copy was damaged must still be reported.
+                    data.repo
+                        .get(BlobKind::Data, &h)
+                        .err()
+                        .map(|e| e.to_string())
                 });
                 if let Some(why) = verdict {
                     report.damaged.push(damage(Some(b), why.clone()));
