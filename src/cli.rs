@@ -150,6 +150,57 @@ Example: vmref prune --keep-last 3 --keep-daily 7 --keep-weekly 4 --keep-monthly
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+    /// Write a point as a replication stream (stdout, or --output FILE) for `vmref receive`
+    #[command(after_help = "\
+Examples:
+  vmref send monday | ssh dr-host vmref --store /srv/vm1 receive
+  vmref send tuesday --since monday | ssh dr-host vmref --store /srv/vm1 receive
+  vmref send --checkpoint rep-2 --since rep-1 --output /tmp/rep-2.stream
+  vmref send --resume vmref1-7b22...  | ssh dr-host vmref --store /srv/vm1 receive")]
+    Send {
+        /// A restorable point to send
+        #[arg(value_name = "POINT", required_unless_present_any = ["checkpoint", "resume"])]
+        point: Option<String>,
+        /// Instead of POINT: checkpoint the live disks as point NAME, send it, keep NAME as a
+        /// plain point (the base of the next send)
+        #[arg(long, value_name = "NAME", conflicts_with = "point")]
+        checkpoint: Option<String>,
+        /// Send only the blocks that differ from this point, which the receiver holds
+        #[arg(long, value_name = "BASE")]
+        since: Option<String>,
+        /// Continue a transfer that `vmref receive` reported cut short, from its token
+        #[arg(long, value_name = "TOKEN", conflicts_with_all = ["point", "checkpoint", "since"])]
+        resume: Option<String>,
+        /// With --checkpoint: the owner of point NAME
+        #[arg(long, requires = "checkpoint")]
+        owner: Option<String>,
+        /// Write the stream to FILE (made whole or not at all) instead of stdout
+        #[arg(long, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
+    /// Read a replication stream (stdin, or --input FILE) into this store as the same point
+    #[command(after_help = "\
+Examples:
+  vmref send monday | ssh dr-host vmref --store /srv/vm1 receive --apply disk0=/srv/replica/disk0.img
+  vmref receive --input /tmp/rep-2.stream
+  vmref receive --abort      # discard a cut transfer, finish an interrupted apply")]
+    Receive {
+        /// Read the stream from FILE instead of stdin
+        #[arg(long, value_name = "FILE")]
+        input: Option<PathBuf>,
+        /// Also keep a raw replica image of DISK at the received point (repeatable)
+        #[arg(long, value_name = "DISK=IMAGE")]
+        apply: Vec<String>,
+        /// Discard a partial receive and finish any interrupted apply; reads no stream
+        #[arg(long, conflicts_with_all = ["input", "apply"])]
+        abort: bool,
+        /// Print one JSON document on stdout
+        #[arg(long)]
+        json: bool,
+    },
+    /// Replica images kept by `receive --apply`: list, promote to live disks, forget
+    #[command(subcommand)]
+    Replica(ReplicaCmd),
     /// Convert a store made by an older release to the current format, in place
     Upgrade {
         /// Print one JSON document on stdout
@@ -210,4 +261,22 @@ pub enum RefCmd {
     },
     /// Delete a reference point
     Delete { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ReplicaCmd {
+    /// List the replica images this store keeps, and the point each holds
+    List {
+        #[command(flatten)]
+        json: Json,
+    },
+    /// Make replica images live disks of this store (failover, migration): tracking starts
+    /// exactly at the point each holds, so the next backup or send since it is incremental
+    #[command(after_help = "Example: vmref replica promote disk0 && vmref mount /mnt/vmref")]
+    Promote {
+        #[arg(required = true)]
+        disks: Vec<String>,
+    },
+    /// Stop keeping a replica image (the image file is left alone)
+    Forget { disk: String },
 }

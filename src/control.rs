@@ -30,13 +30,17 @@ use crate::backup::verify::VerifyReport;
 use crate::backup::{self, NoProgress, Owner, Progress};
 use crate::engine::{DiskChanges, Engine};
 use crate::error::{Error, Result};
+use crate::replicate::framing::{FrameReader, FrameWriter};
+use crate::replicate::receive::{AbortReport, ReceiveArgs, ReceiveReport};
+use crate::replicate::send::{SendArgs, SendReport};
 use crate::store::Store;
 use crate::store::records::{DiskRecord, RefRecord, RefState};
 
 /// The control protocol's version, sent in every request and reply. Bump it when a request
 /// or reply changes shape.
-/// (2: `prune` carries a retention policy, owner, dry run and zone; `backup` an owner.)
-pub const PROTOCOL: u32 = 2;
+/// (2: `prune` carries a retention policy, owner, dry run and zone; `backup` an owner.
+/// 3: `send`, `receive`, `receive-abort`, `replica-promote`, `replica-forget`.)
+pub const PROTOCOL: u32 = 3;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "kebab-case")]
@@ -88,6 +92,17 @@ pub enum Request {
     },
     Status,
     Ping,
+    /// Stream a point: the reply line follows the stream, framed (`replicate::framing`).
+    Send(SendArgs),
+    /// Receive a stream that follows the request line, framed; then the reply line.
+    Receive(ReceiveArgs),
+    ReceiveAbort,
+    ReplicaPromote {
+        disk: String,
+    },
+    ReplicaForget {
+        disk: String,
+    },
 }
 
 /// Who answers on the control socket.
@@ -206,6 +221,14 @@ pub fn execute_with(
             progress,
         )?),
         Request::Status => raw(&engine_status(engine)?),
+        Request::Send(_) | Request::Receive(_) => {
+            return Err(Error::Internal(
+                "send and receive carry a stream: run them with `stream_request`".into(),
+            ));
+        }
+        Request::ReceiveAbort => raw(&crate::replicate::receive::abort(engine)?),
+        Request::ReplicaPromote { disk } => raw(&engine.replica_promote(disk)?),
+        Request::ReplicaForget { disk } => raw(&replica_forget_on(engine, disk)?),
         Request::Ping => raw(&Pong {
             pid: std::process::id(),
             store: engine.store().root().to_path_buf(),
@@ -538,33 +561,8 @@ pub fn call<T: DeserializeOwned>(store: &Store, req: &Request) -> Result<T> {
 }
 
 fn call_on<T: DeserializeOwned>(mut s: UnixStream, path: &Path, req: &Request) -> Result<T> {
-    let io = Error::io("talk to the daemon at", path);
-    let mut line = serde_json::to_vec(&RequestLine {
-        v: PROTOCOL,
-        request: req,
-    })
-    .expect("requests serialize");
-    line.push(b'\n');
-    s.write_all(&line).map_err(io)?;
-    let mut r = BufReader::new(s);
-    let mut reply = String::new();
-    r.read_line(&mut reply)
-        .map_err(Error::io("read from the daemon at", path))?;
-    match serde_json::from_str::<ReplyLine<T>>(&reply) {
-        Ok(ReplyLine { v, .. }) if v != PROTOCOL => Err(Error::Protocol {
-            daemon: v,
-            client: PROTOCOL,
-        }),
-        Ok(ReplyLine {
-            reply: Reply::Ok(v),
-            ..
-        }) => Ok(v),
-        Ok(ReplyLine {
-            reply: Reply::Error(e),
-            ..
-        }) => Err(serde_json::from_str::<Error>(e.kind.get()).unwrap_or(Error::Daemon(e.message))),
-        Err(_) => Err(unreadable(&reply, path)),
-    }
+    write_request(&mut s, path, req)?;
+    read_reply(&mut BufReader::new(s), path)
 }
 
 fn unreadable(reply: &str, path: &Path) -> Error {
@@ -633,11 +631,21 @@ pub fn serve(engine: Arc<Engine>, listener: UnixListener) {
             if r.read_line(&mut line).is_err() {
                 return;
             }
-            let reply = match parse_request(&line) {
-                Ok(req) => match execute(&engine, &req) {
-                    Ok(v) => Reply::Ok(v),
-                    Err(e) => Reply::Error(wire_error(&e)),
-                },
+            let result = match parse_request(&line) {
+                Ok(Request::Send(args)) => serve_send(&engine, &args, &conn),
+                Ok(Request::Receive(args)) => {
+                    // A stream may pause for as long as its sender does.
+                    let _ = conn.set_read_timeout(None);
+                    let mut input = FrameReader::new(&mut r);
+                    crate::replicate::receive::receive(&*engine, &args, &mut input).map(|rep| {
+                        serde_json::value::to_raw_value(&rep).expect("replies serialize")
+                    })
+                }
+                Ok(req) => execute(&engine, &req),
+                Err(e) => Err(e),
+            };
+            let reply = match result {
+                Ok(v) => Reply::Ok(v),
                 Err(e) => Reply::Error(wire_error(&e)),
             };
             let mut out =
@@ -645,6 +653,187 @@ pub fn serve(engine: Arc<Engine>, listener: UnixListener) {
             out.push(b'\n');
             let _ = (&conn).write_all(&out);
         });
+    }
+}
+
+/// Write the stream of a `send` to the client, framed, then end the frames (the reply line
+/// follows, written by the caller).
+fn serve_send(engine: &Engine, args: &SendArgs, conn: &UnixStream) -> Result<Box<RawValue>> {
+    let mut fw = FrameWriter::new(std::io::BufWriter::with_capacity(1 << 20, conn));
+    let r = crate::replicate::send::send(engine, args, &mut fw);
+    fw.finish()
+        .map_err(Error::io("write to", "the control socket"))?;
+    r.map(|rep| serde_json::value::to_raw_value(&rep).expect("replies serialize"))
+}
+
+fn replica_forget_on(engine: &Engine, disk: &str) -> Result<()> {
+    let _op = engine.lock_ops();
+    let store = engine.store();
+    match store.replica(disk)? {
+        Some(_) => store.remove_replica(disk),
+        None => Err(Error::Replication(format!(
+            "this store keeps no replica of disk {disk}"
+        ))),
+    }
+}
+
+/// `send`: in this process when the store is free, else streamed by the daemon (framed on
+/// the socket) and copied to `out` here.
+///
+/// # Errors
+/// As `replicate::send::send`; a closed `out` is one line (the receiving end closed).
+pub fn send(store: &Store, args: &SendArgs, out: &mut dyn Write) -> Result<SendReport> {
+    match Engine::open(store.clone()) {
+        Ok(engine) => {
+            let r = crate::replicate::send::send(&engine, args, out)?;
+            engine.close()?;
+            Ok(r)
+        }
+        Err(Error::Locked(_)) => {
+            let path = store.socket_path();
+            let mut s = UnixStream::connect(&path)
+                .map_err(|_| Error::Locked(store.root().to_path_buf()))?;
+            write_request(&mut s, &path, &Request::Send(args.clone()))?;
+            let mut r = BufReader::with_capacity(1 << 20, s);
+            let mut frames = FrameReader::new(&mut r);
+            let mut buf = vec![0u8; crate::replicate::framing::CHUNK];
+            loop {
+                let n = std::io::Read::read(&mut frames, &mut buf)
+                    .map_err(Error::io("read from the daemon at", &path))?;
+                if n == 0 {
+                    break;
+                }
+                if let Err(e) = out.write_all(&buf[..n]) {
+                    // Dropping the socket makes the daemon's send fail: a checkpoint it sends
+                    // is then not recorded as sent.
+                    return Err(if e.kind() == std::io::ErrorKind::BrokenPipe {
+                        Error::Replication("the receiving end closed the stream".into())
+                    } else {
+                        Error::io("write", "the stream")(e)
+                    });
+                }
+            }
+            out.flush().map_err(Error::io("write", "the stream"))?;
+            read_reply(&mut r, &path)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// `receive`: in this process when the store is free, else the stream is sent to the daemon
+/// (framed) and it receives it.
+///
+/// # Errors
+/// As `replicate::receive::receive`.
+pub fn receive(
+    store: &Store,
+    args: &ReceiveArgs,
+    input: &mut dyn std::io::Read,
+) -> Result<ReceiveReport> {
+    match Engine::open(store.clone()) {
+        Ok(engine) => {
+            let r = crate::replicate::receive::receive(&engine, args, input)?;
+            engine.close()?;
+            Ok(r)
+        }
+        Err(Error::Locked(_)) => {
+            let path = store.socket_path();
+            let mut s = UnixStream::connect(&path)
+                .map_err(|_| Error::Locked(store.root().to_path_buf()))?;
+            write_request(&mut s, &path, &Request::Receive(args.clone()))?;
+            {
+                let mut fw = FrameWriter::new(std::io::BufWriter::with_capacity(1 << 20, &s));
+                let mut buf = vec![0u8; crate::replicate::framing::CHUNK];
+                // The daemon answers early when it refuses the stream; its reply is then read
+                // below, whatever this copy ran into.
+                let copied = (|| -> std::io::Result<()> {
+                    loop {
+                        let n = match input.read(&mut buf) {
+                            Ok(0) => return fw.finish().map(|_| ()),
+                            Ok(n) => n,
+                            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                            Err(e) => return Err(e),
+                        };
+                        fw.write_all(&buf[..n])?;
+                    }
+                })();
+                if let Err(e) = copied {
+                    log::debug!("sending the stream to the daemon stopped: {e}");
+                }
+            }
+            let _ = s.shutdown(std::net::Shutdown::Write);
+            let mut r = BufReader::new(s);
+            read_reply(&mut r, &path)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// See `ref_create`.
+///
+/// # Errors
+/// As `replicate::receive::abort`.
+pub fn receive_abort(store: &Store) -> Result<AbortReport> {
+    run_typed(store, &Request::ReceiveAbort, |e| {
+        crate::replicate::receive::abort(e)
+    })
+}
+
+/// See `ref_create`.
+///
+/// # Errors
+/// As `Engine::replica_promote`.
+pub fn replica_promote(store: &Store, disk: &str) -> Result<DiskRecord> {
+    let req = Request::ReplicaPromote {
+        disk: disk.to_string(),
+    };
+    run_typed(store, &req, |e| e.replica_promote(disk))
+}
+
+/// See `ref_create`.
+///
+/// # Errors
+/// No replica of that disk; I/O failures.
+pub fn replica_forget(store: &Store, disk: &str) -> Result<()> {
+    let req = Request::ReplicaForget {
+        disk: disk.to_string(),
+    };
+    run_typed(store, &req, |e| replica_forget_on(e, disk))
+}
+
+fn write_request(s: &mut UnixStream, path: &Path, req: &Request) -> Result<()> {
+    let mut line = serde_json::to_vec(&RequestLine {
+        v: PROTOCOL,
+        request: req,
+    })
+    .expect("requests serialize");
+    line.push(b'\n');
+    s.write_all(&line)
+        .map_err(Error::io("talk to the daemon at", path))
+}
+
+fn read_reply<T: DeserializeOwned>(r: &mut impl BufRead, path: &Path) -> Result<T> {
+    let mut reply = String::new();
+    r.read_line(&mut reply)
+        .map_err(Error::io("read from the daemon at", path))?;
+    parse_reply(&reply, path)
+}
+
+fn parse_reply<T: DeserializeOwned>(reply: &str, path: &Path) -> Result<T> {
+    match serde_json::from_str::<ReplyLine<T>>(reply) {
+        Ok(ReplyLine { v, .. }) if v != PROTOCOL => Err(Error::Protocol {
+            daemon: v,
+            client: PROTOCOL,
+        }),
+        Ok(ReplyLine {
+            reply: Reply::Ok(v),
+            ..
+        }) => Ok(v),
+        Ok(ReplyLine {
+            reply: Reply::Error(e),
+            ..
+        }) => Err(serde_json::from_str::<Error>(e.kind.get()).unwrap_or(Error::Daemon(e.message))),
+        Err(_) => Err(unreadable(reply, path)),
     }
 }
 

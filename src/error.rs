@@ -132,6 +132,10 @@ pub enum Error {
     VerifyFailed(u64),
     /// The daemon's reply could not be understood (a garbled line, or a daemon from another
     /// vmref version); the text says what came back.
+    /// A replication stream refused or damaged, or a replica that cannot be used; the text
+    /// names the reason (and the ids or the record involved).
+    #[error("{0}")]
+    Replication(String),
     #[error("daemon: {0}")]
     Daemon(String),
     /// The daemon speaks another version of the control protocol.
@@ -231,6 +235,7 @@ impl Error {
             Error::CheckpointClosed(_) => libc::ESTALE,
             Error::PackFull => libc::EFBIG,
             Error::VerifyFailed(_) => libc::EIO,
+            Error::Replication(_) => libc::EINVAL,
             Error::Daemon(_) | Error::Protocol { .. } => libc::EPROTO,
             Error::Mount(_)
             | Error::Internal(_)

@@ -19,6 +19,7 @@ pub mod fs;
 pub mod image;
 pub mod live;
 pub mod names;
+pub mod replicate;
 pub mod repo;
 pub mod store;
 #[allow(unsafe_code)]

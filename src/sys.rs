@@ -149,3 +149,16 @@ pub fn getxattr(path: &std::path::Path, name: &str) -> io::Result<Vec<u8>> {
     buf.truncate(r as usize);
     Ok(buf)
 }
+
+/// Deallocate `[off, off + len)` of a file, keeping its size: the range reads as zeros.
+pub fn punch_hole(fd: RawFd, off: u64, len: u64) -> io::Result<()> {
+    // SAFETY: fallocate takes a descriptor and integers; no memory is passed.
+    check(unsafe {
+        libc::fallocate(
+            fd,
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            off as libc::off_t,
+            len as libc::off_t,
+        )
+    })
+}

@@ -1,5 +1,5 @@
-//! Garbage collection: mark every blob that a restorable point's map reaches (its nodes and
-//! blocks), then let the repository delete packs that hold no marked blob and compact packs
+//! Garbage collection: mark every blob that a restorable point's map (or a partial receive's,
+//! see `replicate::receive`) reaches (its nodes and blocks), then let the repository delete packs that hold no marked blob and compact packs
 //! that are mostly unmarked (`Repository::collect`).
 //!
 //! Safe at any moment, twice, or after a crash halfway (invariant 4): it only removes what no
@@ -44,6 +44,23 @@ pub fn collect(store: &Store, data: &Data) -> Result<GcReport> {
         }
         for disk in r.disks.keys() {
             roots.push(map_of(store, &r, disk)?.0);
+        }
+    }
+    // A partial receive's maps are no point's yet, but a resume builds on them.
+    if let Some(p) = store.partial_receive()? {
+        let bs = store.block_size() as u64;
+        for d in &p.disks {
+            let root = crate::repo::Hash::parse(&d.root).ok_or_else(|| Error::Format {
+                path: store.partial_receive_path(),
+                source: crate::format::FormatError::Invalid {
+                    what: "partial receive",
+                    why: format!("map root {:?}", d.root),
+                },
+            })?;
+            roots.push(MapRoot {
+                root,
+                nblocks: d.size.div_ceil(bs),
+            });
         }
     }
     // Blocks already durable but not yet in an index object are invisible to the marker.

@@ -163,6 +163,12 @@ pub fn delete(owner: &dyn Owner, name: &str) -> Result<RefRecord> {
     let _op = owner.lock_ops();
     let store = owner.store();
     let rec = store.read_ref(name)?;
+    if let Some((_, disk)) = store.replica_points()?.into_iter().find(|(p, _)| p == name) {
+        return Err(Error::Replication(format!(
+            "point {name} is what the replica of disk {disk} holds (the base of its next apply); \
+             `vmref replica forget {disk}` first"
+        )));
+    }
     let has_data = rec.state == RefState::Restorable;
     store.remove_ref_record(name)?;
     owner.backup_state().end_checkpoint(name);
@@ -243,6 +249,10 @@ pub fn prune(owner: &dyn Owner, args: &PruneArgs) -> Result<PruneReport> {
         args.owner.as_deref(),
         &retention::calendar_in(&zone),
     );
+    let mut sel = sel;
+    // A replica's point is the base of its next apply: kept whatever the policy says.
+    let needed = store.replica_points()?;
+    sel.deleted.retain(|n| !needed.iter().any(|(p, _)| p == n));
     let gone: std::collections::HashSet<&str> = sel.deleted.iter().map(String::as_str).collect();
     let old: Vec<&RefRecord> = restorable
         .iter()

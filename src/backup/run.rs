@@ -221,7 +221,7 @@ fn copy(
 }
 
 /// Block runs of the image's data extents (a full backup skips holes without reading them).
-fn data_runs(image: &CheckpointImage, block_size: u32) -> Result<Vec<BlockRun>> {
+pub fn data_runs(image: &CheckpointImage, block_size: u32) -> Result<Vec<BlockRun>> {
     let bs = block_size as u64;
     let size = image.size();
     let mut runs: Vec<BlockRun> = Vec::new();

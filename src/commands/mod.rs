@@ -6,10 +6,12 @@
 //! - `disk`: disk add, list, remove
 //! - `points`: ref create, demote, list, show, delete; changes
 //! - `backup`: backup, restore, verify, prune
+//! - `replicate`: send, receive, replica list, promote, forget
 
 mod backup;
 mod disk;
 mod points;
+mod replicate;
 mod store;
 
 use std::io::Write;
@@ -17,7 +19,7 @@ use std::io::Write;
 use serde::Serialize;
 
 use crate::backup::Progress;
-use crate::cli::{Cli, Command, DiskCmd, RefCmd};
+use crate::cli::{Cli, Command, DiskCmd, RefCmd, ReplicaCmd};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::store::records::{RefRecord, RefState};
@@ -122,6 +124,32 @@ fn run_to(cli: Cli, out: &mut impl Write, progress: &dyn Progress) -> Result<()>
             };
             backup::prune(cx, &args, json)
         }
+        Command::Send {
+            point,
+            checkpoint,
+            since,
+            resume,
+            owner,
+            output,
+        } => {
+            let args = crate::replicate::send::SendArgs {
+                point,
+                checkpoint,
+                owner,
+                since,
+                resume,
+            };
+            replicate::send(cx, &args, output.as_deref())
+        }
+        Command::Receive {
+            input,
+            apply,
+            abort,
+            json,
+        } => replicate::receive(cx, input.as_deref(), &apply, abort, json),
+        Command::Replica(ReplicaCmd::List { json }) => replicate::replica_list(cx, json.json),
+        Command::Replica(ReplicaCmd::Promote { disks }) => replicate::replica_promote(cx, &disks),
+        Command::Replica(ReplicaCmd::Forget { disk }) => replicate::replica_forget(cx, &disk),
     }
 }
 

@@ -189,6 +189,50 @@ impl Engine {
         Ok(rec)
     }
 
+    /// `replica promote DISK`: register the replica image of `name` as a live disk, tracking
+    /// from exactly the received point it holds, so the next backup or send since that point
+    /// is incremental and `changes --since` it is exact.
+    ///
+    /// # Errors
+    /// No replica of that disk, a replica modified since its last apply, a disk of that name
+    /// already registered; I/O failures.
+    pub fn replica_promote(&self, name: &str) -> Result<DiskRecord> {
+        let _op = self.ops.lock();
+        let data = &self.backup.data;
+        crate::replicate::replica::finish_interrupted(&self.store, data)?;
+        let rep = self.store.replica(name)?.ok_or_else(|| {
+            Error::Replication(format!(
+                "this store keeps no replica of disk {name} (`vmref receive --apply {name}=IMAGE` makes one)"
+            ))
+        })?;
+        crate::replicate::replica::check_unmodified(&rep)?;
+        if self.disks.read().contains_key(name) || self.unavailable.read().contains_key(name) {
+            return Err(Error::DiskExists(name.to_string()));
+        }
+        let point = self.store.read_ref(&rep.point)?;
+        let seq = point
+            .disks
+            .get(name)
+            .map(|d| d.seq)
+            .ok_or_else(|| Error::NoSuchDisk(format!("{name} (in point {})", point.name)))?;
+        let file = open_image(&rep.image)?;
+        let tracker = Tracker::create_at_point(&self.store, name, identity_of(&rep.image)?, seq)?;
+        let rec = DiskRecord {
+            name: name.to_string(),
+            image: rep.image.clone(),
+            added_unix: now_unix(),
+        };
+        // The disk record is the commit point; the replica record goes after it (a crash in
+        // between leaves a replica record naming a live disk, which receive refuses anyway).
+        self.store.write_disk(&rec)?;
+        self.store.remove_replica(name)?;
+        self.disks.write().insert(
+            name.to_string(),
+            Arc::new(LiveDisk::new(name, &rep.image, file, tracker)),
+        );
+        Ok(rec)
+    }
+
     /// Stop tracking a disk. Its image is left alone; points keep its old numbers.
     pub fn disk_remove(&self, name: &str) -> Result<()> {
         let _op = self.ops.lock();
@@ -286,6 +330,7 @@ impl Engine {
             state,
             disks: points,
             backup: None,
+            origin: None,
         };
         let cp = match state {
             RefState::Checkpoint => {

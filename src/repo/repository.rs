@@ -560,6 +560,9 @@ impl BlobStore for Repository {
     }
 }
 
+mod transfer;
+pub use transfer::StoredBlob;
+
 #[cfg(test)]
 mod points;
 #[cfg(test)]

@@ -15,6 +15,7 @@
 pub mod atomic;
 pub mod lock;
 pub mod records;
+pub mod replication;
 
 use std::fs::{self, DirBuilder};
 use std::os::unix::fs::DirBuilderExt;

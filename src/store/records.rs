@@ -109,6 +109,9 @@ pub struct RefRecord {
     pub state: RefState,
     pub disks: BTreeMap<String, RefDisk>,
     pub backup: Option<BackupInfo>,
+    /// Id of the store a received point came from (`vmref receive`); none for points made here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
 }
 
 fn read_record<T: serde::de::DeserializeOwned>(kind: Kind, path: &Path) -> Result<Option<T>> {
@@ -237,6 +240,7 @@ mod tests {
                 state: RefState::Plain,
                 disks,
                 backup: None,
+                origin: None,
             })
             .unwrap();
         }

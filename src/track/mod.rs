@@ -98,6 +98,20 @@ impl Tracker {
         Self::create_files(store, name, header, OpenReport::default())
     }
 
+    /// Start tracking an image that holds exactly the bytes of a point whose number for this
+    /// disk is `point_seq` (a promoted replica): changes since that point are exact (none yet),
+    /// changes since any earlier number are unknown.
+    pub fn create_at_point(
+        store: &Store,
+        name: &str,
+        id: Identity,
+        point_seq: u32,
+    ) -> Result<Tracker> {
+        let mut header = fresh_header(store.block_size(), id, point_seq + 1, "");
+        header.base_seq = point_seq;
+        Self::create_files(store, name, header, OpenReport::default())
+    }
+
     fn create_files(
         store: &Store,
         name: &str,
