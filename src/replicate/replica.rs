@@ -260,7 +260,12 @@ fn write_difference(
         .open(image)
         .map_err(Error::io("open", image))?;
     let mut n = 0u64;
+    let abort_after = abort_hook();
     data.maps.diff(from, &to_map, |b, _, h| {
+        if abort_after == Some(n) {
+            // Test hook: die here as kill -9 would (no unwinding, nothing flushed).
+            std::process::abort();
+        }
         let off = b * bs;
         let len = bs.min(size - off);
         if h.is_zero() {
@@ -289,4 +294,12 @@ fn punch(f: &File, image: &Path, off: u64, len: u64) -> Result<()> {
             .map_err(Error::io("write", image));
     }
     Err(Error::io("punch a hole in", image)(e))
+}
+
+/// `VMREF_TEST_APPLY_ABORT_AFTER=N`: the crash tests (tests/replicate.rs) kill an apply after
+/// exactly N blocks, which a timed kill -9 could not hit reliably on a small image.
+fn abort_hook() -> Option<u64> {
+    std::env::var("VMREF_TEST_APPLY_ABORT_AFTER")
+        .ok()
+        .and_then(|v| v.parse().ok())
 }
