@@ -273,4 +273,13 @@ proptest! {
     fn repo_map_node(data in prop::collection::vec(any::<u8>(), 0..400)) {
         v2_parsers::map_node(&data);
     }
+
+    #[test]
+    fn replication_stream(
+        data in prop::collection::vec(any::<u8>(), 0..600),
+        bit in any::<usize>(),
+        cut in any::<usize>(),
+    ) {
+        v2_parsers::stream(&data, bit, cut);
+    }
 }

@@ -569,3 +569,59 @@ fn through_daemons_then_promote_and_back_up_incrementally() {
     );
     ok(&t, &["umount", mnt.to_str().unwrap()]);
 }
+
+#[test]
+fn receivers_killed_at_random_moments_leave_before_or_after() {
+    let seed = test_seed("receivers_killed_at_random_moments_leave_before_or_after");
+    let mut rng = Rng(seed | 1);
+    let size = 16 << 20;
+    let mut init = vec![0u8; size];
+    rng.fill(&mut init);
+    let e = Env::new(size, &init);
+    e.ok(&["backup", "big"]);
+    let f = e.path("big.stream");
+    send_to_file(&e.store, &["big"], &f);
+    let t = target(&e);
+    let replica = e.path("replica.img");
+    let mut outcomes = (0, 0);
+    for trial in 0..8 {
+        let mut c = vmref(&t)
+            .args(["receive", "--input", f.to_str().unwrap(), "--apply"])
+            .arg(format!("disk0={}", replica.display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(rng.below(400)));
+        let _ = c.kill();
+        let st = c.wait().unwrap();
+        ok(&t, &["receive", "--abort"]);
+        let held = points(&t).iter().any(|p| p.0 == "big");
+        if held {
+            outcomes.1 += 1;
+            assert_same(
+                &format!("trial {trial} ({st})"),
+                &restore(&t, "big", e.dir.path()),
+                &e.model,
+            );
+            assert_same("replica", &std::fs::read(&replica).unwrap(), &e.model);
+            ok(&t, &["replica", "forget", "disk0"]);
+            ok(&t, &["ref", "delete", "big"]);
+        } else {
+            outcomes.0 += 1;
+            assert!(
+                !replica.exists(),
+                "trial {trial}: no replica without its point"
+            );
+        }
+        std::fs::remove_file(&replica).ok();
+        assert!(!t.join("receive.partial").exists());
+    }
+    eprintln!(
+        "{} receivers killed before their commit, {} after",
+        outcomes.0, outcomes.1
+    );
+    ok(&t, &["receive", "--input", f.to_str().unwrap()]);
+    assert_same("big", &restore(&t, "big", e.dir.path()), &e.model);
+    assert!(ok(&t, &["verify"]).contains("all good"));
+}

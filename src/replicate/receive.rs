@@ -103,6 +103,9 @@ pub fn receive(
     // The stream checked out whole: blocks and maps durable, then the point (commit point).
     data.repo.flush()?;
     let rec = rx.record(store, &header, data.repo.added().1 - before)?;
+    for t in &targets {
+        replica::intend(store, t, &rec)?;
+    }
     store.write_ref(&rec)?;
     store.remove_partial_receive()?;
     let mut applied = Vec::new();

@@ -2,9 +2,9 @@
 //! (`receive --apply DISK=IMAGE`), and what `replica promote` checks before the image becomes
 //! a live disk.
 //!
-//! An apply is crash-safe by redo, with the data already safe in the store: the point being
-//! applied is committed before its apply starts, so the replica record first says "applying
-//! P_new" (durably), then the blocks that differ between the two points' maps are written in
+//! An apply is crash-safe by redo, with the data already safe in the store: the replica record
+//! first says "applying P_new" (durably, just before P_new's commit), the point is committed,
+//! then the blocks that differ between the two points' maps are written in
 //! place, the image is synced, and the record says "at P_new". A crash in between leaves a
 //! record that names both points; the next `receive` or `receive --abort` writes the same
 //! blocks again (idempotent: every block in the difference gets P_new's bytes, every other
@@ -128,12 +128,36 @@ pub fn check_unmodified(r: &ReplicaRecord) -> Result<()> {
     Ok(())
 }
 
-/// Bring `t`'s image to point `to` (committed in `store`).
+/// Record, before point `to` is committed, that `t`'s image is to be brought to it: after a
+/// crash, the apply is finished if the point was committed, and dropped if it was not (the
+/// image is written only after the commit).
+///
+/// # Errors
+/// I/O failures.
+pub fn intend(store: &Store, t: &Target, to: &RefRecord) -> Result<()> {
+    let mut rec = record_of(t);
+    rec.applying = Some(Applying {
+        point: to.name.clone(),
+        point_id: to.id.clone(),
+    });
+    store.write_replica(&rec)
+}
+
+/// Bring `t`'s image to point `to` (committed in `store`, after `intend`).
 ///
 /// # Errors
 /// I/O failures (the record then still says which apply to finish).
 pub fn apply(store: &Store, data: &Arc<Data>, t: &Target, to: &RefRecord) -> Result<ApplyReport> {
-    let mut rec = match &t.existing {
+    let mut rec = record_of(t);
+    rec.applying = Some(Applying {
+        point: to.name.clone(),
+        point_id: to.id.clone(),
+    });
+    finish(store, data, rec)
+}
+
+fn record_of(t: &Target) -> ReplicaRecord {
+    match &t.existing {
         Some(r) => r.clone(),
         None => ReplicaRecord {
             disk: t.disk.clone(),
@@ -149,22 +173,7 @@ pub fn apply(store: &Store, data: &Arc<Data>, t: &Target, to: &RefRecord) -> Res
             },
             applying: None,
         },
-    };
-    if rec.point_id == to.id {
-        return Ok(ApplyReport {
-            disk: t.disk.clone(),
-            image: t.image.clone(),
-            point: to.name.clone(),
-            blocks: 0,
-            whole: false,
-        });
     }
-    rec.applying = Some(Applying {
-        point: to.name.clone(),
-        point_id: to.id.clone(),
-    });
-    store.write_replica(&rec)?;
-    finish(store, data, rec)
 }
 
 /// Finish every apply a crash interrupted.
@@ -188,13 +197,26 @@ pub fn finish_interrupted(store: &Store, data: &Arc<Data>) -> Result<Vec<ApplyRe
 /// Carry out the apply `rec.applying` names, then record its end.
 fn finish(store: &Store, data: &Arc<Data>, mut rec: ReplicaRecord) -> Result<ApplyReport> {
     let target = rec.applying.clone().expect("an apply in progress");
-    let to = store.read_ref(&target.point)?;
-    if to.id != target.point_id {
-        return Err(refuse(format!(
-            "the replica of disk {} was being brought to point {} (id {}), which is gone",
-            rec.disk, target.point, target.point_id
-        )));
-    }
+    let to = match store.read_ref(&target.point) {
+        Ok(r) if r.id == target.point_id => r,
+        // The receive died before its commit: the image was never touched.
+        Ok(_) | Err(Error::NoSuchRef(_)) => {
+            rec.applying = None;
+            if rec.point.is_empty() {
+                store.remove_replica(&rec.disk)?;
+            } else {
+                store.write_replica(&rec)?;
+            }
+            return Ok(ApplyReport {
+                disk: rec.disk,
+                image: rec.image,
+                point: rec.point,
+                blocks: 0,
+                whole: false,
+            });
+        }
+        Err(e) => return Err(e),
+    };
     let from = if rec.point.is_empty() {
         None
     } else {

@@ -146,3 +146,78 @@ pub fn map_node(data: &[u8]) {
         }
     }
 }
+
+/// Read a whole replication stream from `bytes`; the records read, or the error.
+fn read_stream(bytes: &[u8]) -> Result<usize, String> {
+    use vmref::replicate::stream::{Record, StreamReader};
+    let (mut r, _) = StreamReader::new(bytes).map_err(|e| e.to_string())?;
+    let mut n = 0;
+    loop {
+        match r.next_record().map_err(|e| e.to_string())? {
+            Record::End { .. } => return Ok(n),
+            _ => n += 1,
+        }
+    }
+}
+
+/// A replication stream's bytes: reading never panics, also behind a valid header (to reach
+/// the record checks); a valid stream built from the bytes reads back whole, and a bit flipped
+/// at `bit` or a cut at `cut` is refused. Resume tokens made of the bytes never panic either.
+pub fn stream(data: &[u8], bit: usize, cut: usize) {
+    use vmref::replicate::stream::{
+        Codec as SCodec, StreamDisk, StreamHeader, StreamPoint, StreamWriter,
+    };
+    let _ = read_stream(data);
+    let _ = vmref::replicate::token::ResumeToken::decode(&String::from_utf8_lossy(data));
+    let header = StreamHeader {
+        block_size: 4096,
+        source_store: "s".into(),
+        point: StreamPoint {
+            name: "p".into(),
+            id: "i".into(),
+            created_unix: 1,
+            owner: None,
+        },
+        base: None,
+        disks: vec![StreamDisk {
+            name: "disk0".into(),
+            size: 1 << 20,
+            seq: 1,
+            incremental: false,
+        }],
+        resume: None,
+    };
+    let mut valid = Vec::new();
+    let w = StreamWriter::new(&mut valid, &header).unwrap();
+    drop(w);
+    // Garbage behind a valid header.
+    let mut framed = valid.clone();
+    framed.extend_from_slice(data);
+    let _ = read_stream(&framed);
+    // A valid stream whose blocks are runs of the input.
+    let mut valid = Vec::new();
+    let mut w = StreamWriter::new(&mut valid, &header).unwrap();
+    w.disk(0).unwrap();
+    for (i, chunk) in data.chunks(97).enumerate() {
+        let mut block = vec![0u8; 4096];
+        block[..chunk.len()].copy_from_slice(chunk);
+        w.block(i as u64, SCodec::Raw, 4096, &Hash::of(&block), &block)
+            .unwrap();
+    }
+    w.zero(1000, 3).unwrap();
+    w.disk_end(0, 0, None).unwrap();
+    w.end().unwrap();
+    assert!(read_stream(&valid).is_ok(), "a valid stream reads back");
+    let mut flipped = valid.clone();
+    let b = bit % (flipped.len() * 8);
+    flipped[b / 8] ^= 1 << (b % 8);
+    assert!(
+        read_stream(&flipped).is_err(),
+        "bit {b} flipped went unnoticed"
+    );
+    let c = cut % valid.len();
+    assert!(
+        read_stream(&valid[..c]).is_err(),
+        "cut at {c} went unnoticed"
+    );
+}

@@ -1,0 +1,13 @@
+//! `replicate::stream::StreamReader` and resume tokens: garbage never panics; valid streams
+//! read back whole and refuse a flipped bit or a cut.
+//! The properties live in tests/common/v2_parsers.rs, shared with tests/parsers_never_panic.rs.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+#[path = "../../tests/common/v2_parsers.rs"]
+mod v2_parsers;
+
+fuzz_target!(|data: &[u8]| {
+    v2_parsers::stream(data, data.len().wrapping_mul(31), data.len().wrapping_mul(7));
+});
