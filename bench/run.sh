@@ -35,7 +35,7 @@ done
 want() { case " $SECTIONS " in *" $1 "*) return 0 ;; esac; return 1; }
 if [ $QUICK = 1 ]; then
     SPACE_DISK=${SPACE_DISK:-$((64 << 20))}; SPACE_FILES=${SPACE_FILES:-$((20 << 20))}; SCALE_BIG=${SCALE_BIG:-$GIB}
-    REP_DISK=${REP_DISK:-$((256 << 20))}
+    REP_DISK=${REP_DISK:-$((128 << 20))}
 else
     SPACE_DISK=${SPACE_DISK:-$((2 * GIB))}; SPACE_FILES=${SPACE_FILES:-$((1126 << 20))}; SCALE_BIG=${SCALE_BIG:-$((1024 * GIB))}
     REP_DISK=${REP_DISK:-$((4 * GIB))}
