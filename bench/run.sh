@@ -4,14 +4,15 @@
 # markdown table and writes it to bench/results/latest.md (--quick: bench/results/quick.md).
 #
 #   full:    2 GiB data disk, chains of depth 1/10/100, 1 TiB sparse disks, a 2 GiB ext4 image
-#            against restic and borg; about 12-15 minutes.
+#            against restic and borg, a 4 GiB image replicated (send | receive); about 15-18 minutes.
 #   --quick: tiny sizes, about two minutes; proves the benchmark still works, never judges speed.
 #
 # Needs root (mounts, drop_caches, apt-get). Installs fio, qemu-utils, restic, borgbackup and
-# time if missing. Knobs: SECTIONS (a subset of "backup reads restore live meta space scale";
+# time if missing. Knobs: SECTIONS (a subset of "backup reads restore live meta space scale replicate";
 # a subset run replaces only those sections' rows in the result file), DISK (bytes of the data
 # disk), BIG (bytes of the sparse disk), SPACE_DISK and SPACE_FILES (bytes of the ext4 image and
-# of the files in it), SCALE_BIG (bytes of the scale section's big disk), REPS, RUNTIME (s per
+# of the files in it), SCALE_BIG (bytes of the scale section's big disk), REP_DISK (bytes of the
+# replicate section's image, a multiple of 128 MiB), REPS, RUNTIME (s per
 # fio job), DATA (half: each 4 KiB of the data disk half random, half zeros; random),
 # COMPRESSION (vmref init --compression of the data disk's store), KEEP=1 keeps the work directory. See bench/README.md for what every row measures.
 set -euo pipefail
@@ -26,7 +27,7 @@ else
     DISK=${DISK:-$((2 * GIB))}; BIG=${BIG:-$((1024 * GIB))}; REPS=${REPS:-3}; RUNTIME=${RUNTIME:-2}
     RESULT=bench/results/latest.md
 fi
-ALL_SECTIONS="backup reads restore live meta space scale"
+ALL_SECTIONS="backup reads restore live meta space scale replicate"
 SECTIONS=${SECTIONS:-$ALL_SECTIONS}
 for sec in $SECTIONS; do
     case " $ALL_SECTIONS " in *" $sec "*) ;; *) echo "bench/run.sh: unknown section $sec (known: $ALL_SECTIONS)" >&2; exit 2 ;; esac
@@ -34,8 +35,10 @@ done
 want() { case " $SECTIONS " in *" $1 "*) return 0 ;; esac; return 1; }
 if [ $QUICK = 1 ]; then
     SPACE_DISK=${SPACE_DISK:-$((64 << 20))}; SPACE_FILES=${SPACE_FILES:-$((20 << 20))}; SCALE_BIG=${SCALE_BIG:-$GIB}
+    REP_DISK=${REP_DISK:-$((128 << 20))}
 else
     SPACE_DISK=${SPACE_DISK:-$((2 * GIB))}; SPACE_FILES=${SPACE_FILES:-$((1126 << 20))}; SCALE_BIG=${SCALE_BIG:-$((1024 * GIB))}
+    REP_DISK=${REP_DISK:-$((4 * GIB))}
 fi
 DEPTHS="1 10 100"
 DATA=${DATA:-half}          # the data disk's bytes: half (each 4 KiB half random, half zeros) or random
@@ -567,13 +570,146 @@ rec scale "peak RSS of backup --full (no daemon), $SBN disk" "${SC_RSS[big]}" B 
 rec scale "daemon VmHWM after cp --sparse=always of three points' images, $SBN disk" "${SC_HWM[big]}" B "same on a 1 GiB disk" "${SC_HWM[small]}" "v<=134217728"
 fi   # scale
 
+# ---------- replicate: send | receive of a full, an incremental and a checkpoint ----------
+if want replicate; then
+R=$WORK/rep
+RI=$R/disk0.img
+RS=$R/src
+mkdir -p "$R"
+RN="$((REP_DISK >> 20)) MiB"
+log "replicate: a $RN image, half allocated, data half random and half compressible"
+# The layouts of the other sections' generators combined: 64 MiB of data, then a 64 MiB hole (as
+# bench_write fill lays out its sparse images: half the image allocated); the data's 64 KiB
+# blocks alternately all random and DATA=half blocks (each 4 KiB: 2 KiB random, 2 KiB zeros), so
+# zstd saves about a quarter of the data and no two blocks are equal.
+python3 - "$RI" "$REP_DISK" <<'PY'
+import os, random, sys
+path, size = sys.argv[1], int(sys.argv[2])
+rng, z, ch = random.Random(3), bytes(2048), 64 << 20
+with open(path, "wb") as f:
+    f.truncate(size)
+    for c in range(0, size // ch, 2):
+        r = rng.randbytes(48 << 20)
+        whole, half = r[:32 << 20], r[32 << 20:]
+        out = []
+        for b in range(512):
+            out.append(whole[b << 16:(b + 1) << 16])
+            h = half[b << 15:(b + 1) << 15]
+            out.append(b"".join(h[i:i + 2048] + z for i in range(0, 32768, 2048)))
+        os.pwrite(f.fileno(), b"".join(out), c * ch)
+    os.fsync(f.fileno())
+PY
+REP_ALLOC=$(du -B1 "$RI" | cut -f1)
+"$V" -q --store "$RS" init --block-size 64K >/dev/null
+"$V" -q --store "$RS" disk add disk0 "$RI" >/dev/null
+"$V" -q --store "$RS" backup FULL >/dev/null
+rep_init() { rm -rf "$1"; "$V" -q --store "$1" init --block-size 64K >/dev/null; }
+rep_warm() { cat "$RI" > /dev/null; find "$RS" -path "$RS/track" -prune -o -type f -exec cat {} + > /dev/null; }
+# rep_pipe DEST JSON SEND_ARGS...: T = wall seconds of `vmref send ARGS | vmref --store DEST
+# receive --json > JSON` and a sync (not in a $(...): a failed send or receive stops the bench)
+rep_pipe() {
+    local dst=$1 js=$2 t0 t1; shift 2
+    t0=$(now_ns)
+    "$V" -q --store "$RS" send "$@" | "$V" -q --store "$dst" receive --json > "$js"
+    sync
+    t1=$(now_ns)
+    T=$(python3 -c "print(($t1 - $t0) / 1e9)")
+}
+# rep_recv DEST JSON RECEIVE_ARGS...: T = wall seconds of `vmref --store DEST receive ARGS` + sync
+rep_recv() {
+    local dst=$1 js=$2 t0 t1; shift 2
+    t0=$(now_ns)
+    "$V" -q --store "$dst" receive --json "$@" > "$js"
+    sync
+    t1=$(now_ns)
+    T=$(python3 -c "print(($t1 - $t0) / 1e9)")
+}
+json() { python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' "$1" "$2"; }
+# rep_check STORE POINT FILE: POINT's disk0 restored from STORE must hold FILE's bytes
+rep_check() {
+    rm -f "$OUT/rep-check.img"
+    "$V" -q --store "$1" restore "$2" --disk disk0 --to "$OUT/rep-check.img" >/dev/null
+    if ! cmp "$OUT/rep-check.img" "$3"; then
+        echo "bench/run.sh: replicate: point $2 as received in $1 differs from $3" >&2
+        exit 1
+    fi
+    rm -f "$OUT/rep-check.img"
+}
+log "replicate: $REPS x (send FULL | receive into a fresh store; cat IMAGE | cat > COPY; send > /dev/null; receive --input)"
+"$V" -q --store "$RS" send FULL --output "$OUT/full.stream"
+FULL_SB=$(stat -c %s "$OUT/full.stream")
+RF=""; RC=""; RSO=""; RRO=""
+for r in $(seq "$REPS"); do
+    rep_init "$R/dst$r"; rep_warm; sync
+    rep_pipe "$R/dst$r" "$R/full.json" FULL; RF+="$T "
+    rep_warm; sync
+    RC+="$(secs_sync sh -c 'cat "$1" | cat > "$2"' - "$RI" "$R/copy") "
+    rm -f "$R/copy"; sync
+    rep_warm
+    RSO+="$(secs "$V" -q --store "$RS" send FULL) "   # secs sends stdout to /dev/null
+    rep_init "$R/dstf"; sync
+    rep_recv "$R/dstf" "$R/fullf.json" --input "$OUT/full.stream"; RRO+="$T "
+done
+rep_check "$R/dst1" FULL "$RI"
+# A replica image at FULL, for the incremental's --apply below (store dsta).
+rep_init "$R/dsta"; sync
+rep_recv "$R/dsta" "$R/fulla.json" --input "$OUT/full.stream" --apply "disk0=$R/replica.img"
+RFA=$T
+rm -f "$OUT/full.stream"
+
+log "replicate: 1 % of the blocks rewritten, backup INC, $REPS x send INC --since FULL | receive"
+"$W" plan "$REP_DISK" $((REP_DISK / 100)) "$EXT" 21 > "$R/plan.inc"
+"$W" apply "$RS" disk0 "$R/plan.inc" 21
+REP_CHANGED=$(awk '{ s += $2 } END { print s }' "$R/plan.inc")
+"$V" -q --store "$RS" backup INC >/dev/null
+"$V" -q --store "$RS" send INC --since FULL --output "$OUT/inc.stream"
+INC_SB=$(stat -c %s "$OUT/inc.stream")
+RI1=""
+for r in $(seq "$REPS"); do   # each dst holds FULL only: each takes the same incremental once
+    rep_warm; sync
+    rep_pipe "$R/dst$r" "$R/inc.json" INC --since FULL; RI1+="$T "
+done
+rep_check "$R/dst1" INC "$RI"
+# The same stream from a file, into a store at FULL, without and with --apply (replica in place)
+rep_recv "$R/dstf" "$R/incf.json" --input "$OUT/inc.stream"; RIN=$T
+rep_recv "$R/dsta" "$R/inca.json" --input "$OUT/inc.stream" --apply "disk0=$R/replica.img"; RIA=$T
+if ! cmp "$R/replica.img" "$RI"; then
+    echo "bench/run.sh: replicate: the replica image applied to INC differs from the source image" >&2
+    exit 1
+fi
+rm -f "$OUT/inc.stream"
+
+log "replicate: another 1 % rewritten, send --checkpoint c2 --since INC | receive (once)"
+"$W" plan "$REP_DISK" $((REP_DISK / 100)) "$EXT" 22 > "$R/plan.c2"
+"$W" apply "$RS" disk0 "$R/plan.c2" 22
+rep_warm; sync
+rep_pipe "$R/dst1" "$R/c2.json" --checkpoint c2 --since INC; RCP=$T
+CP_SB=$(json "$R/c2.json" stream_bytes)
+rep_check "$R/dst1" c2 "$RI"
+
+FULL_T=$(median $RF)
+info="$RN image, $((REP_ALLOC >> 20)) MiB allocated"
+rec replicate "full: send FULL \| receive into a fresh store, + sync ($info; logical bytes / time)" \
+    "$(python3 -c "print($REP_DISK / $FULL_T)")" Bps "cat IMAGE \| cat > COPY, + sync" "$(python3 -c "print($REP_DISK / $(median $RC))")" "r>=0.5"
+rec replicate "full: send FULL > /dev/null alone, time" "$(median $RSO)" s "send \| receive" "$FULL_T" ""
+rec replicate "full: receive --input STREAM (in /dev/shm) alone, + sync, time" "$(median $RRO)" s "send \| receive" "$FULL_T" ""
+rec replicate "full: stream bytes" "$FULL_SB" B "bytes allocated in the image" "$REP_ALLOC" ""
+rec replicate "incremental, 1 % of 64 KiB blocks rewritten: send INC --since FULL \| receive, + sync, time" "$(median $RI1)" s "full send \| receive" "$FULL_T" "r<=0.05"
+rec replicate "incremental: stream bytes" "$INC_SB" B "bytes changed" "$REP_CHANGED" ""
+rec replicate "checkpoint, another 1 % rewritten: send --checkpoint c2 --since INC \| receive, + sync, time (one run)" "$RCP" s "full send \| receive" "$FULL_T" ""
+rec replicate "checkpoint: stream bytes" "$CP_SB" B "bytes changed" "$(awk '{ s += $2 } END { print s }' "$R/plan.c2")" ""
+rec replicate "full: receive --input --apply disk0=REPLICA (new replica), + sync, time (one run)" "$RFA" s "receive --input, no --apply" "$(median $RRO)" ""
+rec replicate "incremental: receive --input --apply disk0=REPLICA (replica at FULL, applied in place), + sync, time (one run)" "$RIA" s "receive --input, no --apply" "$RIN" ""
+rm -rf "$R"
+fi   # replicate
+
 # ---------- the table ----------
 mkdir -p bench/results
 python3 - "$ROWS" "$QUICK" "$(nproc)" "$(uname -r)" "$DISK" "$BIG" "$REPS" "$RUNTIME" "$(($(date +%s) - T_START))" \
-    "$SECTIONS" "$ALL_SECTIONS" "$RESULT" "$SPACE_DISK" "$SPACE_FILES" "$SCALE_BIG" > "$WORK/table.md" <<'EOF'
+    "$SECTIONS" "$ALL_SECTIONS" "$RESULT" "$SPACE_DISK" "$SPACE_FILES" "$SCALE_BIG" "$REP_DISK" > "$WORK/table.md" <<'EOF'
 import os, sys, time
 (rows_path, quick, cores, kernel, disk, big, reps, runtime, took, sections, all_sections, result,
- space_disk, space_files, scale_big) = sys.argv[1:]
+ space_disk, space_files, scale_big, rep_disk) = sys.argv[1:]
 quick = quick == "1"
 sections = sections.split()
 partial = set(sections) != set(all_sections.split())
@@ -613,7 +749,7 @@ print(f"# vmref benchmarks{' (--quick: proves the benchmark runs; figures are no
 print()
 print(f"{cores} cores, kernel {kernel}; data disk {int(disk)>>20} MiB, sparse disk {int(big)>>30} GiB; "
       f"space: ext4 image {int(space_disk)>>20} MiB holding up to {int(space_files)>>20} MiB of files; "
-      f"scale: {int(scale_big)>>30} GiB and 1 GiB sparse disks; "
+      f"scale: {int(scale_big)>>30} GiB and 1 GiB sparse disks; replicate: {int(rep_disk)>>20} MiB image; "
       f"medians of {reps} (cold restores: 1); fio psync QD1, {runtime} s per timed job.")
 print()
 # A run of a subset of the sections replaces only their rows in the result file: the others
