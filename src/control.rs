@@ -669,6 +669,8 @@ fn serve_send(engine: &Engine, args: &SendArgs, conn: &UnixStream) -> Result<Box
 fn replica_forget_on(engine: &Engine, disk: &str) -> Result<()> {
     let _op = engine.lock_ops();
     let store = engine.store();
+    // An interrupted apply is finished first: the image left behind is then a whole point.
+    crate::replicate::replica::finish_interrupted(store, &engine.backup_state().data)?;
     match store.replica(disk)? {
         Some(_) => store.remove_replica(disk),
         None => Err(Error::Replication(format!(

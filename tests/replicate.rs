@@ -625,3 +625,53 @@ fn receivers_killed_at_random_moments_leave_before_or_after() {
     assert_same("big", &restore(&t, "big", e.dir.path()), &e.model);
     assert!(ok(&t, &["verify"]).contains("all good"));
 }
+
+#[test]
+fn promote_refuses_a_replica_behind_a_newer_point_and_trailing_bytes_are_refused() {
+    let seed = test_seed("promote_refuses_a_replica_behind_a_newer_point");
+    let mut rng = Rng(seed | 1);
+    let mut e = Env::new(SIZE, &[3u8; 200_000]);
+    let t = target(&e);
+    let replica = e.path("replica.img");
+    let apply = format!("disk0={}", replica.display());
+    e.ok(&["backup", "p"]);
+    pipe_ok(&e.store, &["p"], &t, &["--apply", &apply]);
+    e.random_writes(&mut rng, 20);
+    e.ok(&["backup", "q"]);
+    // q arrives without --apply: the replica still holds p.
+    let fq = e.path("q.stream");
+    send_to_file(&e.store, &["q", "--since", "p"], &fq);
+    // Two streams back to back, or junk after one: refused, not half-read.
+    let two = e.path("two.stream");
+    let mut b = std::fs::read(&fq).unwrap();
+    b.extend_from_slice(b"junk");
+    std::fs::write(&two, &b).unwrap();
+    assert!(fails(&t, &["receive", "--input", two.to_str().unwrap()]).contains("follow the end"));
+    ok(&t, &["receive", "--abort"]);
+    ok(&t, &["receive", "--input", fq.to_str().unwrap()]);
+    // Tracking from p would miss p -> q: refused until the replica is at q.
+    let err = fails(&t, &["replica", "promote", "disk0"]);
+    assert!(err.contains("point q"), "{err}");
+    assert!(ok(&t, &["replica", "list"]).contains("\tp"));
+    // Brought to q (a stream since q to q is not needed: delete q and receive it with --apply).
+    ok(&t, &["ref", "delete", "q"]);
+    ok(
+        &t,
+        &[
+            "receive",
+            "--input",
+            fq.to_str().unwrap(),
+            "--apply",
+            &apply,
+        ],
+    );
+    ok(&t, &["replica", "promote", "disk0"]);
+    let ch: serde_json::Value =
+        serde_json::from_str(&ok(&t, &["changes", "--since", "q", "--json"])).unwrap();
+    assert_eq!(ch["disks"][0]["changed_bytes"], 0, "{ch}");
+    assert_same(
+        "promoted image",
+        &std::fs::read(&replica).unwrap(),
+        &e.model,
+    );
+}

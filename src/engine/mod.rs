@@ -215,6 +215,21 @@ impl Engine {
             .get(name)
             .map(|d| d.seq)
             .ok_or_else(|| Error::NoSuchDisk(format!("{name} (in point {})", point.name)))?;
+        // Tracking starts just above the replica's point: a point of this disk at or above it
+        // (received but not applied, or kept from a disk of that name that was live here)
+        // would then be compared with numbers that never saw its changes.
+        if let Some(newer) = self
+            .store
+            .refs()?
+            .into_iter()
+            .find(|r| r.id != point.id && r.disks.get(name).is_some_and(|d| d.seq >= seq))
+        {
+            return Err(Error::Replication(format!(
+                "point {} holds disk {name} at or after the replica's point {}: apply it to the replica \
+                 (receive it again with --apply) or delete it, then promote",
+                newer.name, point.name
+            )));
+        }
         let file = open_image(&rep.image)?;
         let tracker = Tracker::create_at_point(&self.store, name, identity_of(&rep.image)?, seq)?;
         let rec = DiskRecord {

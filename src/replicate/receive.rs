@@ -261,7 +261,14 @@ fn check_header(store: &Store, h: &StreamHeader, apply: &[(String, PathBuf)]) ->
             starts.push((MapRoot::empty(nblocks), 0));
         }
     }
-    let partial = store.partial_receive()?;
+    let mut partial = store.partial_receive()?;
+    if let Some(p) = &partial
+        && refs.iter().any(|r| r.id == p.point_id)
+    {
+        // Its point was committed and the receive died before removing it.
+        store.remove_partial_receive()?;
+        partial = None;
+    }
     let plan = match (partial, h.resume) {
         (None, None) => Plan {
             starts,
@@ -504,7 +511,7 @@ impl Receiver {
                             ),
                         ));
                     }
-                    return Ok(());
+                    return r.expect_eof();
                 }
             }
             if self.batch.len() >= UPDATE_BATCH {

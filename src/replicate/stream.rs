@@ -14,7 +14,9 @@
 //!   whole block (the disk's short last block zero-padded), `hash` the BLAKE3 of its raw bytes.
 //! - 3 `zero`: block u64 | count u64 — blocks that are holes (all zeros) at the point.
 //! - 4 `disk-end`: index u32 | data_blocks u64 | has_root u8 | root[32] — the point map's root
-//!   hash when the sender knows it (a receiver must build the same map: maps are canonical).
+//!   hash when the sender knows it (has_root 1; else 32 zero bytes): a receiver must build the
+//!   same map, maps being canonical. An incremental sent from a checkpoint has no root (the
+//!   sender has no base map), and its data_blocks counts the blocks sent.
 //! - 5 `end`: records u64 | digest[32] — BLAKE3 of every byte of the stream before this record
 //!   (header included), and the number of records before it.
 //!
@@ -299,6 +301,12 @@ impl<R: Read> StreamReader<R> {
                 "stream format version {version}; this vmref reads version {VERSION}"
             )));
         }
+        let flags = u16::from_le_bytes([fixed[10], fixed[11]]);
+        if flags != 0 {
+            return Err(stream_error(format!(
+                "stream flags {flags:#x}: made by a newer vmref than this one"
+            )));
+        }
         let json_len = u32::from_le_bytes(fixed[12..16].try_into().expect("4 bytes"));
         if json_len > MAX_HEADER {
             return Err(stream_error("stream header damaged (length)"));
@@ -406,6 +414,22 @@ impl<R: Read> StreamReader<R> {
         self.offset += 5 + body.len() as u64;
         self.records += 1;
         Ok(rec)
+    }
+
+    /// After the end record: the input must end too (a second stream behind the first, or
+    /// anything else, is refused rather than ignored).
+    ///
+    /// # Errors
+    /// `Replication` when bytes follow; I/O failures.
+    pub fn expect_eof(&mut self) -> Result<()> {
+        let mut b = [0u8; 1];
+        if read_full(&mut self.input, &mut b)? != 0 {
+            return Err(stream_error(format!(
+                "bytes follow the end record at byte {}: one stream at a time",
+                self.offset
+            )));
+        }
+        Ok(())
     }
 
     fn parse(&self, kind: u8, p: &[u8]) -> Result<Record> {

@@ -23,14 +23,21 @@ impl Repository {
     /// # Errors
     /// `Format` for a missing blob or damaged bytes; I/O failures.
     pub fn get_stored(&self, kind: BlobKind, hash: &Hash) -> Result<StoredBlob> {
-        let e = match self.lookup(hash)? {
-            Some(e) => e,
-            None => {
+        match self.read_stored_form(kind, hash) {
+            // Our snapshot of the index may be stale (a collection compacted the pack this
+            // blob was in): re-read the index list once and look again, as `get` does.
+            Err(e) if crate::repo::backend::is_missing(&e) || super::is_absent(&e) => {
                 self.refresh()?;
-                self.lookup(hash)?
-                    .ok_or_else(|| damaged(hash, NOT_STORED))?
+                self.read_stored_form(kind, hash)
             }
-        };
+            r => r,
+        }
+    }
+
+    fn read_stored_form(&self, kind: BlobKind, hash: &Hash) -> Result<StoredBlob> {
+        let e = self
+            .lookup(hash)?
+            .ok_or_else(|| damaged(hash, NOT_STORED))?;
         let stored = self.backend.get_range(
             &e.pack.object_name(),
             e.entry.offset,
