@@ -254,10 +254,21 @@ fn engine_status(engine: &Engine) -> Result<Status> {
             let t = d.tracker();
             let tracking = match &t.report().lost {
                 Some(r) => format!("restarted: {r}"),
-                None if t.report().recovered_regions > 0 => format!(
-                    "recovered after an unclean stop ({} regions counted as changed)",
-                    t.report().recovered_regions
-                ),
+                None if t.report().recovered_regions > 0 || t.report().unproven_blocks > 0 => {
+                    let r = t.report();
+                    let outside = if r.unproven_blocks > 0 {
+                        format!(
+                            ", and {} block(s) whose bytes no longer match their digest",
+                            r.unproven_blocks
+                        )
+                    } else {
+                        String::new()
+                    };
+                    format!(
+                        "recovered after an unclean stop ({} regions counted as changed{outside})",
+                        r.recovered_regions
+                    )
+                }
                 // Restarted in an earlier session: older points stay unusable, say why.
                 None if !t.lost_reason().is_empty() => format!(
                     "ok since seq {} (restarted: {})",

@@ -229,8 +229,18 @@ fn serve_inner(
     sys::block_signals(&SIGNALS).map_err(Error::io("block signals in", mp))?;
     let engine = Arc::new(open_engine(store)?);
     for d in engine.disks() {
-        if let Some(reason) = &d.tracker().report().lost {
+        let t = d.tracker();
+        let r = t.report();
+        if let Some(reason) = &r.lost {
             log::warn!("disk {}: change tracking restarted: {reason}", d.name());
+        } else if r.verified {
+            log::warn!(
+                "disk {}: unclean stop: checked the image against its block digests \
+                 ({} bytes read), {} block(s) counted as changed",
+                d.name(),
+                r.bytes_read,
+                r.unproven_blocks
+            );
         }
     }
     let socket = engine.store().socket_path();

@@ -433,6 +433,9 @@ fn chown_and_chmod_on_a_live_disk_apply_to_the_image_and_keep_tracking() {
         total <= 64 * 1024,
         "only the written block changed, not all: {ext:?}"
     );
+    // A clean stop: `vmref umount` waits for the daemon to close (dropping the guard alone
+    // kills it, maybe before its close ends).
+    s.ok(&["umount", s.mnt.to_str().unwrap()]);
     drop(m);
     // Across a clean stop and a new open, still no restart.
     let _m = s.mount();

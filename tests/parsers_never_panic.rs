@@ -73,9 +73,10 @@ fn valid_map_header() -> impl Strategy<Value = MapHeader> {
         (any::<u32>(), any::<u32>(), any::<u32>()),
         any::<[u64; 5]>(),
         prop::collection::vec(any::<char>(), 0..300),
+        (any::<u64>(), any::<bool>()),
     )
         .prop_map(
-            |((generation, shift, disk_size), (cur, base, flags), id, reason)| {
+            |((generation, shift, disk_size), (cur, base, flags), id, reason, (epoch, settled))| {
                 let block_size = 1u32 << shift;
                 MapHeader {
                     generation,
@@ -93,6 +94,8 @@ fn valid_map_header() -> impl Strategy<Value = MapHeader> {
                         ctime_ns: id[4],
                     },
                     reason: reason.into_iter().collect(),
+                    digest_epoch: epoch,
+                    settled,
                 }
             },
         )

@@ -24,8 +24,7 @@ use crate::names;
 use crate::store::lock::StoreLock;
 use crate::store::records::{DiskRecord, RefDisk, RefRecord, RefState};
 use crate::store::{Store, now_unix, random_id};
-use crate::track::mapfile::Identity;
-use crate::track::{Tracker, identity_of};
+use crate::track::Tracker;
 
 pub struct Engine {
     store: Store,
@@ -110,8 +109,7 @@ impl Engine {
 
     fn open_disk(store: &Store, rec: &DiskRecord, floor: u32) -> Result<LiveDisk> {
         let file = open_image(&rec.image)?;
-        let meta = file.metadata().map_err(Error::io("stat", &rec.image))?;
-        let tracker = Tracker::open(store, &rec.name, Identity::of(&meta), floor)?;
+        let tracker = Tracker::open(store, &rec.name, &file, &rec.image, floor)?;
         Ok(LiveDisk::new(&rec.name, &rec.image, file, tracker))
     }
 
@@ -174,7 +172,7 @@ impl Engine {
             });
         }
         let floor = seq_floor(&self.store.refs()?, name);
-        let tracker = Tracker::create(&self.store, name, identity_of(&image)?, floor)?;
+        let tracker = Tracker::create(&self.store, name, &file, &image, floor)?;
         let rec = DiskRecord {
             name: name.to_string(),
             image: image.clone(),
@@ -231,7 +229,7 @@ impl Engine {
             )));
         }
         let file = open_image(&rep.image)?;
-        let tracker = Tracker::create_at_point(&self.store, name, identity_of(&rep.image)?, seq)?;
+        let tracker = Tracker::create_at_point(&self.store, name, &file, &rep.image, seq)?;
         let rec = DiskRecord {
             name: name.to_string(),
             image: rep.image.clone(),
@@ -276,6 +274,7 @@ impl Engine {
         }
         let _ = std::fs::remove_file(self.store.map_path(name));
         let _ = std::fs::remove_file(self.store.log_path(name));
+        let _ = std::fs::remove_file(self.store.digest_path(name));
         Ok(())
     }
 
@@ -420,12 +419,14 @@ impl Engine {
         Ok(out)
     }
 
-    /// Flush every disk's tracking state that has unflushed marks.
+    /// Flush every disk's tracking state that has unflushed marks, and settle every disk
+    /// idle long enough (`LiveDisk::settle_if_idle`). The daemon calls it periodically.
     pub fn flush_dirty(&self) -> Result<()> {
         for d in self.disks() {
             if d.tracker().dirty_regions() > 0 {
                 d.flush()?;
             }
+            d.settle_if_idle()?;
         }
         Ok(())
     }

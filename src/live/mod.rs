@@ -10,13 +10,18 @@
 //! Copy-on-write (`cow`): after stamping and before the data write, the first write to each
 //! block since a saver (an open checkpoint) registered hands the block's old bytes to it,
 //! under the disk's copy-on-write mutex (a no-op when no saver is registered).
+//!
+//! Settling: once a disk has had no write (nor owner or mode change) for `SETTLE_AFTER`, the
+//! periodic flush syncs the image and records its identity as settled (`Tracker::settle`), so
+//! that a crash of an idle disk costs no read of its data at the next open.
 
 pub mod cow;
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock, RwLockWriteGuard};
 
@@ -36,7 +41,17 @@ pub struct LiveDisk {
     cow: DiskCow,
     /// Set by `disk remove`: a handle the mount still holds must not write untracked.
     removed: AtomicBool,
+    /// When this disk was opened, and nanoseconds after it that the last write or owner or
+    /// mode change ended (0: none yet, which counts as "just before the open").
+    opened: Instant,
+    last_change: AtomicU64,
 }
+
+/// How long the image must have been left alone before its identity is recorded as settled.
+/// Any later change then lands in a later timestamp tick and shows in the image's times: this
+/// exceeds the coarsest granularity a disk image's filesystem is expected to have (1 s: ext4
+/// with 128-byte inodes; NFS servers likewise), whichever clock stamps them.
+pub const SETTLE_AFTER: Duration = Duration::from_secs(2);
 
 /// Open an image for tracked use, refusing what cannot be a disk.
 pub fn open_image(path: &Path) -> Result<File> {
@@ -70,7 +85,20 @@ impl LiveDisk {
             tracker: Mutex::new(tracker),
             cow: DiskCow::default(),
             removed: AtomicBool::new(false),
+            opened: Instant::now(),
+            last_change: AtomicU64::new(0),
         }
+    }
+
+    /// Note that the image's times may just have moved through us (after the change ended).
+    fn changed(&self) {
+        let ns = self.opened.elapsed().as_nanos().max(1) as u64;
+        self.last_change.fetch_max(ns, Ordering::AcqRel);
+    }
+
+    fn idle_for(&self) -> Duration {
+        let at = Duration::from_nanos(self.last_change.load(Ordering::Acquire));
+        self.opened.elapsed().saturating_sub(at)
     }
 
     pub fn name(&self) -> &str {
@@ -129,9 +157,12 @@ impl LiveDisk {
         self.tracker.lock().before_write(off, len)?;
         self.cow
             .before_write(&self.file, self.size, self.block_size, off, len);
-        self.file
+        let r = self
+            .file
             .write_all_at(data, off)
-            .map_err(Error::io("write", &self.image))
+            .map_err(Error::io("write", &self.image));
+        self.changed();
+        r
     }
 
     /// Make written data durable (fsync of the live file).
@@ -183,6 +214,26 @@ impl LiveDisk {
         self.tracker.lock().flush(id)
     }
 
+    /// Settle the disk if it has been idle for `SETTLE_AFTER` and its tracking state is not
+    /// settled yet (see `Tracker::settle`): the image is synced first, outside the gate, and
+    /// the settle is skipped if a write came in meanwhile.
+    pub fn settle_if_idle(&self) -> Result<()> {
+        if !self.tracker.lock().needs_settle() || self.idle_for() < SETTLE_AFTER {
+            return Ok(());
+        }
+        let seen = self.last_change.load(Ordering::Acquire);
+        // Synced, the image shows the recorded identity even after a power loss.
+        self.file
+            .sync_all()
+            .map_err(Error::io("fsync", &self.image))?;
+        let _q = self.quiesce();
+        if self.last_change.load(Ordering::Acquire) != seen {
+            return Ok(());
+        }
+        let id = self.identity()?;
+        self.tracker.lock().settle(id)
+    }
+
     /// Change the image's owner and mode (libvirt's and QEMU's dynamic ownership), keeping
     /// tracking exact: writers wait, tracking is flushed (judging any outside write before
     /// this), the change is applied, and the identity it leaves is recorded, so the ctime it
@@ -200,6 +251,20 @@ impl LiveDisk {
         let before = self.identity()?;
         let mut t = self.tracker.lock();
         t.flush(before)?;
+        let r = self.apply_owner_mode(uid, gid, mode);
+        // Even a failed change may have moved the times (a chown that worked before a chmod
+        // that did not).
+        self.changed();
+        r?;
+        t.note_identity(self.identity()?)
+    }
+
+    fn apply_owner_mode(
+        &self,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        mode: Option<u32>,
+    ) -> Result<()> {
         if uid.is_some() || gid.is_some() {
             std::os::unix::fs::fchown(&self.file, uid, gid)
                 .map_err(Error::io("chown", &self.image))?;
@@ -210,7 +275,7 @@ impl LiveDisk {
                 .set_permissions(std::fs::Permissions::from_mode(m & 0o7777))
                 .map_err(Error::io("chmod", &self.image))?;
         }
-        t.note_identity(self.identity()?)
+        Ok(())
     }
 
     /// Clean stop: flush and mark the tracking state closed.

@@ -7,6 +7,7 @@
 //! STORE/disks/NAME.disk    disk records (envelope)
 //! STORE/track/NAME.map     sequence-number map (binary, see `track::mapfile`)
 //! STORE/track/NAME.log     durable dirty-region log (binary, see `track::log`)
+//! STORE/track/NAME.dig     block digests of clean regions (binary, see `track::digest`)
 //! STORE/refs/NAME.ref      reference points (envelope)
 //! STORE/data/              backup data (see `backup`)
 //! ```
@@ -232,6 +233,9 @@ impl Store {
     }
     pub fn log_path(&self, name: &str) -> PathBuf {
         self.root.join("track").join(format!("{name}.log"))
+    }
+    pub fn digest_path(&self, name: &str) -> PathBuf {
+        self.root.join("track").join(format!("{name}.dig"))
     }
     pub fn refs_dir(&self) -> PathBuf {
         self.root.join("refs")

@@ -12,7 +12,12 @@
 //! Header (little-endian): `0 magic "VMREFMAP" | 8 major u16 | 10 minor u16 | 16 generation u64 |
 //! 24 block_size u32 | 28 region_blocks u32 | 32 disk_size u64 | 40 nblocks u64 |
 //! 48 current_seq u32 | 52 base_seq u32 | 56 flags u32 | 64 identity (dev, ino, size, mtime_ns,
-//! ctime_ns: 5 x u64) | 104 reason_len u16 | 106 reason (<= 256 bytes) | 4092 crc u32`.
+//! ctime_ns: 5 x u64) | 104 reason_len u16 | 106 reason (<= 256 bytes) | 368 digest_epoch u64 |
+//! 376 settled u32 | 4092 crc u32`.
+//!
+//! Minor 1 added `digest_epoch` and `settled`. A release before it writes zeros there (it
+//! builds each header from zeros), which reads as "no digests" and "not settled": the safe
+//! answers, so a store that an older release touched in between is never trusted wrongly.
 
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -26,7 +31,7 @@ use crate::store::atomic;
 /// Do not modify.
 pub const MAGIC: &[u8; 8] = b"VMREFMAP";
 pub const MAJOR: u16 = 1;
-pub const MINOR: u16 = 0;
+pub const MINOR: u16 = 1;
 pub const PAGE: usize = 4096;
 const MAX_REASON: usize = 256;
 
@@ -76,6 +81,11 @@ pub struct MapHeader {
     pub identity: Identity,
     /// Why tracking last restarted (shown when a query reaches back before `base_seq`).
     pub reason: String,
+    /// The epoch of the digest file that belongs to this map (`track::digest`); 0: none.
+    pub digest_epoch: u64,
+    /// The identity was recorded long enough after the image's last tracked change that any
+    /// later change shows in its times, even with coarse timestamps (see `Tracker::settle`).
+    pub settled: bool,
 }
 
 impl MapHeader {
@@ -109,6 +119,8 @@ impl MapHeader {
         }
         b[104..106].copy_from_slice(&(reason.len() as u16).to_le_bytes());
         b[106..106 + reason.len()].copy_from_slice(reason);
+        b[368..376].copy_from_slice(&self.digest_epoch.to_le_bytes());
+        b[376..380].copy_from_slice(&u32::from(self.settled).to_le_bytes());
         let c = crc(&b[..PAGE - 4]);
         b[PAGE - 4..].copy_from_slice(&c.to_le_bytes());
         b
@@ -169,6 +181,8 @@ impl MapHeader {
                 ctime_ns: le_u64(b, 96),
             },
             reason,
+            digest_epoch: le_u64(b, 368),
+            settled: le_u32(b, 376) == 1,
         })
     }
 }
@@ -409,6 +423,8 @@ mod tests {
                 ctime_ns: 5,
             },
             reason: "written outside the mount".into(),
+            digest_epoch: 0xfeed,
+            settled: true,
         }
     }
 
