@@ -133,8 +133,8 @@ Example: vmref prune --keep-last 3 --keep-daily 7 --keep-weekly 4 --keep-monthly
         #[arg(long)]
         json: bool,
         /// For monitors: print one line and exit non-zero when a disk is unavailable, its
-        /// changes since the newest backup are unknown (the next backup must be full), or the
-        /// newest backup is older than --max-age
+        /// changes since the newest backup are unknown (the next backup must be full), the
+        /// last backup attempt failed, or the newest backup is older than --max-age
         #[arg(long)]
         check: bool,
         /// With --check: the oldest acceptable newest backup, in seconds (else the config's
