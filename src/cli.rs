@@ -111,9 +111,13 @@ pub enum Command {
 A point kept by any rule is kept. Each period rule keeps the newest point of each of the N
 most recent periods (local time, $TZ honoured) that have one. The policy applies to the
 points of --owner, or without it to the points without an owner; plain points are never
-pruned.
+pruned. Without any --keep-* flag the rules are the config file's [retention] table
+(keep_last, keep_daily, ...); any flag replaces the whole table.
 
-Example: vmref prune --keep-last 3 --keep-daily 7 --keep-weekly 4 --keep-monthly 12 --dry-run")]
+Examples:
+  vmref prune --keep-last 3 --keep-daily 7 --keep-weekly 4 --keep-monthly 12 --dry-run
+  vmref prune            # the [retention] table of /etc/vmref/config.toml
+  vmref prune --owner veeam --keep-last 3")]
     Prune {
         #[command(flatten)]
         policy: crate::backup::retention::Policy,
