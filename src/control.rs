@@ -344,10 +344,12 @@ fn engine_status(engine: &Engine) -> Result<Status> {
             last_backup: None,
         });
     }
-    let last_backup = backup::outcome::read(store).unwrap_or_else(|e| {
-        log::warn!("{e}");
-        None
-    });
+    let last_backup = backup::outcome::read(store)
+        .unwrap_or_else(|e| {
+            log::warn!("{e}");
+            None
+        })
+        .map(backup::outcome::as_seen_by_owner);
     let now = crate::store::now_unix();
     for d in &mut disks {
         let holding = || refs.iter().rev().filter(|r| r.disks.contains_key(&d.name));

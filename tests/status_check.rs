@@ -227,3 +227,62 @@ fn the_mounted_daemon_records_the_backups_it_runs() {
     // The record outlives the daemon.
     assert_eq!(last_backup(&e)["result"], "failed");
 }
+
+#[test]
+fn a_backup_killed_while_it_runs_is_reported_interrupted() {
+    let mut rng =
+        common::Rng(common::test_seed("a_backup_killed_while_it_runs_is_reported_interrupted") | 1);
+    let mut data = vec![0u8; 64 << 20];
+    rng.fill(&mut data);
+    let e = Env::new(data.len(), &data);
+    let store = vmref::store::Store::open(&e.store).unwrap();
+    let mut killed = false;
+    for attempt in 0..5 {
+        let name = format!("k{attempt}");
+        let mut child = e
+            .cmd(&["backup", &name, "--full"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // Kill it once it has recorded its start, while it copies.
+        let running = loop {
+            if let Ok(Some(r)) = vmref::backup::outcome::read(&store)
+                && r.name == name
+                && r.result == vmref::backup::outcome::Outcome::Running
+            {
+                break true;
+            }
+            if child.try_wait().unwrap().is_some() {
+                break false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        };
+        let _ = child.kill();
+        let done = child.wait().unwrap().success();
+        if running && !done {
+            killed = true;
+            let b = last_backup(&e);
+            assert_eq!(
+                (&b["result"], &b["name"]),
+                (&"failed".into(), &name.as_str().into()),
+                "{b:#}"
+            );
+            assert!(
+                b["error"].as_str().unwrap().starts_with("interrupted"),
+                "{b:#}"
+            );
+            assert!(b.get("runner").is_none(), "{b:#}");
+            let check = e.fails(&["status", "--check"]);
+            assert!(
+                one_line(&check).contains(&format!("the last backup, {name} failed")),
+                "{check}"
+            );
+            break;
+        }
+    }
+    assert!(killed, "every backup finished before it could be killed");
+    e.ok(&["backup", "after"]);
+    assert_eq!(last_backup(&e)["result"], "ok");
+    e.ok(&["status", "--check"]);
+}

@@ -6,6 +6,10 @@
 //! outcome is kept even when the asking command went away. A failure before any executor was
 //! reached (the store could not be opened, or another command held it) is recorded by the
 //! asking command instead (`record_if_unrecorded`).
+//!
+//! A backup is recorded as running, by this process, before it starts: if the process is
+//! killed or the host loses power, the record still says so, and whoever owns the store next
+//! (and so is not that process) reports it as interrupted (`as_seen_by_owner`).
 
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -32,6 +36,8 @@ pub const LAST_BACKUP: Kind = Kind {
 pub enum Outcome {
     Ok,
     Failed,
+    /// Started by `runner` and not finished yet.
+    Running,
 }
 
 /// One backup attempt.
@@ -53,8 +59,37 @@ pub struct LastBackup {
     pub stored_bytes: Option<u64>,
     /// Milliseconds since the epoch: tells the attempts of one second apart.
     pub started_unix_ms: u64,
+    /// For a running backup, when it started.
     pub finished_unix: u64,
     pub duration_secs: f64,
+    /// The process running it (`runner_id`), while it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runner: Option<String>,
+}
+
+/// This process among all that ever ran a backup of the store: a pid alone can come back.
+pub fn runner_id() -> &'static str {
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(|| {
+        let nonce = crate::store::random_id().unwrap_or_default();
+        format!("{}-{nonce}", std::process::id())
+    })
+}
+
+/// The record as the store's owner reports it: a backup still marked running by another
+/// process was cut short, since no other process can be running one while this one owns the
+/// store.
+pub fn as_seen_by_owner(mut rec: LastBackup) -> LastBackup {
+    if rec.result == Outcome::Running && rec.runner.as_deref() != Some(runner_id()) {
+        rec.result = Outcome::Failed;
+        rec.error = Some(
+            "interrupted: the process running it stopped before it finished (killed, crashed \
+             or the host went down)"
+                .into(),
+        );
+        rec.runner = None;
+    }
+    rec
 }
 
 pub fn path(store: &Store) -> std::path::PathBuf {
@@ -114,6 +149,7 @@ fn record(
         started_unix_ms: now_ms(started),
         finished_unix: crate::store::now_unix(),
         duration_secs: took.as_secs_f64(),
+        runner: None,
     }
 }
 
@@ -137,6 +173,21 @@ pub fn backup_recorded(
 ) -> Result<BackupReport> {
     let started = SystemTime::now();
     let clock = Instant::now();
+    let running = LastBackup {
+        name: name.to_string(),
+        owner: point_owner.map(str::to_string),
+        result: Outcome::Running,
+        error: None,
+        kind: None,
+        stored_bytes: None,
+        started_unix_ms: now_ms(started),
+        finished_unix: crate::store::now_unix(),
+        duration_secs: 0.0,
+        runner: Some(runner_id().to_string()),
+    };
+    if let Err(e) = write(owner.store(), &running) {
+        log::warn!("the backup's start was not recorded: {e}");
+    }
     let r = super::run::backup(owner, name, point_owner, full, since, progress);
     let rec = record(name, point_owner, started, clock.elapsed(), r.as_ref());
     let written = write(owner.store(), &rec);
@@ -166,7 +217,10 @@ pub fn record_if_unrecorded(
     err: &Error,
 ) {
     match read(store) {
-        Ok(Some(r)) if r.started_unix_ms >= now_ms(started) => return,
+        // Still marked running: that executor could not record its end.
+        Ok(Some(r)) if r.started_unix_ms >= now_ms(started) && r.result != Outcome::Running => {
+            return;
+        }
         _ => {}
     }
     let took = started.elapsed().unwrap_or_default();
@@ -196,6 +250,16 @@ mod tests {
         let earlier = started - std::time::Duration::from_secs(5);
         record_if_unrecorded(&s, "b0", None, earlier, &err);
         assert_eq!(read(&s).unwrap().unwrap().name, "b1");
+
+        // A backup marked running by another process was interrupted; by this one, it runs.
+        let mut running = read(&s).unwrap().unwrap();
+        running.result = Outcome::Running;
+        running.runner = Some(runner_id().to_string());
+        assert_eq!(as_seen_by_owner(running.clone()), running);
+        running.runner = Some("1-00".into());
+        let seen = as_seen_by_owner(running);
+        assert_eq!(seen.result, Outcome::Failed);
+        assert!(seen.error.unwrap().starts_with("interrupted"));
 
         let b = std::fs::read(path(&s)).unwrap();
         for n in 0..b.len() {

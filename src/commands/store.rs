@@ -128,6 +128,11 @@ fn last_backup_line(b: &LastBackup) -> String {
             b.duration_secs,
             e.as_deref().unwrap_or("unknown error")
         ),
+        (Outcome::Running, _) => format!(
+            "{} running since {}",
+            b.name,
+            super::rfc3339(b.started_unix_ms / 1000)
+        ),
         (Outcome::Ok, _) => format!(
             "{} ok ({}, {} stored) in {:.1} s, {ago} s ago",
             b.name,
