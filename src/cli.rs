@@ -8,7 +8,8 @@ use clap::{Args, Parser, Subcommand};
 #[command(
     name = "vmref",
     version,
-    about = "Resilient change tracking, reference points and point-in-time images for raw VM disks"
+    about = "Resilient change tracking, reference points and point-in-time images for raw VM disks",
+    after_help = "Examples:\n  vmref --store /srv/vm1 init\n  vmref --store /srv/vm1 disk add disk0 /srv/images/vm1.img\n  vmref --store /srv/vm1 mount /run/vmref/vm1\n  vmref --store /srv/vm1 backup nightly-1\n\nEach command's --help has examples; `man vmref` has every command in full."
 )]
 pub struct Cli {
     /// The store directory (else $VMREF_STORE, else the config's `store`, else /var/lib/vmref)
@@ -29,6 +30,9 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    #[command(
+        after_help = "Examples:\n  vmref --store /srv/vm1 init\n  vmref --store /srv/vm1 init --block-size 128K --compression zstd:6"
+    )]
     /// Create the store
     Init {
         /// Change-tracking block size: a power of two from 4K to 4M
@@ -38,12 +42,21 @@ pub enum Command {
         #[arg(long, value_name = "ALGO")]
         compression: Option<String>,
     },
+    #[command(
+        after_help = "Examples:\n  vmref --store /srv/vm1 disk add disk0 /srv/images/vm1.img\n  vmref --store /srv/vm1 disk list --json"
+    )]
     /// Register, list or remove disks
     #[command(subcommand)]
     Disk(DiskCmd),
+    #[command(
+        after_help = "Examples:\n  vmref --store /srv/vm1 ref create veeam-42 --owner veeam\n  vmref --store /srv/vm1 ref list --owner veeam"
+    )]
     /// Create, list, show, demote or delete reference points
     #[command(subcommand)]
     Ref(RefCmd),
+    #[command(
+        after_help = "Examples:\n  vmref --store /srv/vm1 changes --since veeam-42\n  vmref --store /srv/vm1 changes --since nightly-1 --disk disk0 --json"
+    )]
     /// Changed byte extents since a reference point
     Changes {
         /// The reference point to compare with
@@ -56,6 +69,9 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    #[command(
+        after_help = "Examples:\n  vmref --store /srv/vm1 mount /run/vmref/vm1 --allow-other\n  qemu-system-x86_64 ... -drive file=/run/vmref/vm1/live/disk0.img,format=raw,cache=none"
+    )]
     /// Mount the store: live/DISK.img tracked read-write, POINT/DISK.img read-only
     Mount {
         mountpoint: PathBuf,
@@ -66,8 +82,12 @@ pub enum Command {
         #[arg(long)]
         allow_other: bool,
     },
+    #[command(after_help = "Examples:\n  vmref umount /run/vmref/vm1")]
     /// Unmount, waiting until the daemon has flushed tracking state; clears a dead mount
     Umount { mountpoint: PathBuf },
+    #[command(
+        after_help = "Examples:\n  vmref --store /srv/vm1 backup nightly-1\n  vmref --store /srv/vm1 backup weekly-1 --full\n  vmref --store /srv/vm1 backup veeam-43 --owner veeam --since veeam-42 --json"
+    )]
     /// Checkpoint NAME, copy its blocks into the store, demote it: a restorable point
     Backup {
         name: String,
@@ -84,6 +104,9 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    #[command(
+        after_help = "Examples:\n  vmref --store /srv/vm1 restore nightly-1 --disk disk0 --to /tmp/vm1-nightly-1.img"
+    )]
     /// Write a point's image of one disk as a sparse raw file
     Restore {
         #[arg(value_name = "REF")]
@@ -98,6 +121,9 @@ pub enum Command {
         #[arg(long)]
         force: bool,
     },
+    #[command(
+        after_help = "Examples:\n  vmref --store /srv/vm1 verify\n  vmref --store /srv/vm1 verify nightly-1 --json"
+    )]
     /// Check every stored block of one restorable point, or of all, against its checksum
     Verify {
         #[arg(value_name = "REF")]
@@ -111,9 +137,13 @@ pub enum Command {
 A point kept by any rule is kept. Each period rule keeps the newest point of each of the N
 most recent periods (local time, $TZ honoured) that have one. The policy applies to the
 points of --owner, or without it to the points without an owner; plain points are never
-pruned.
+pruned. Without any --keep-* flag the rules are the config file's [retention] table
+(keep_last, keep_daily, ...); any flag replaces the whole table.
 
-Example: vmref prune --keep-last 3 --keep-daily 7 --keep-weekly 4 --keep-monthly 12 --dry-run")]
+Examples:
+  vmref prune --keep-last 3 --keep-daily 7 --keep-weekly 4 --keep-monthly 12 --dry-run
+  vmref prune            # the [retention] table of /etc/vmref/config.toml
+  vmref prune --owner veeam --keep-last 3")]
     Prune {
         #[command(flatten)]
         policy: crate::backup::retention::Policy,
@@ -127,14 +157,17 @@ Example: vmref prune --keep-last 3 --keep-daily 7 --keep-weekly 4 --keep-monthly
         #[arg(long)]
         json: bool,
     },
+    #[command(
+        after_help = "Examples:\n  vmref --store /srv/vm1 status\n  vmref --store /srv/vm1 status --json\n  vmref --store /srv/vm1 status --check --max-age 93600"
+    )]
     /// The store, its disks and their tracking state
     Status {
         /// Print one JSON document on stdout
         #[arg(long)]
         json: bool,
         /// For monitors: print one line and exit non-zero when a disk is unavailable, its
-        /// changes since the newest backup are unknown (the next backup must be full), or the
-        /// newest backup is older than --max-age
+        /// changes since the newest backup are unknown (the next backup must be full), the
+        /// last backup attempt failed, or the newest backup is older than --max-age
         #[arg(long)]
         check: bool,
         /// With --check: the oldest acceptable newest backup, in seconds (else the config's
@@ -199,8 +232,12 @@ Examples:
         json: bool,
     },
     /// Replica images kept by `receive --apply`: list, promote to live disks, forget
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  vmref --store /srv/vm1 replica list\n  vmref --store /srv/vm1 replica promote disk0"
+    )]
     Replica(ReplicaCmd),
+    #[command(after_help = "Examples:\n  vmref --store /srv/vm1 upgrade")]
     /// Convert a store made by an older release to the current format, in place
     Upgrade {
         /// Print one JSON document on stdout
@@ -211,14 +248,21 @@ Examples:
 
 #[derive(Debug, Subcommand)]
 pub enum DiskCmd {
+    #[command(
+        after_help = "Examples:\n  vmref --store /srv/vm1 disk add disk0 /srv/images/vm1.img"
+    )]
     /// Register IMAGE as disk NAME and start tracking it
     Add { name: String, image: PathBuf },
+    #[command(
+        after_help = "Examples:\n  vmref --store /srv/vm1 disk list\n  vmref --store /srv/vm1 disk list --json"
+    )]
     /// List registered disks
     List {
         /// Print one JSON document on stdout
         #[arg(long)]
         json: bool,
     },
+    #[command(after_help = "Examples:\n  vmref --store /srv/vm1 disk remove disk1")]
     /// Stop tracking a disk (its image is left alone)
     Remove { name: String },
 }
@@ -232,6 +276,9 @@ pub struct Json {
 
 #[derive(Debug, Subcommand)]
 pub enum RefCmd {
+    #[command(
+        after_help = "Examples:\n  vmref --store /srv/vm1 ref create veeam-42 --owner veeam\n  vmref --store /srv/vm1 ref create before-upgrade --checkpoint"
+    )]
     /// Create a reference point (metadata only), or with --checkpoint a stable image
     Create {
         name: String,
@@ -243,8 +290,12 @@ pub enum RefCmd {
         #[arg(long)]
         checkpoint: bool,
     },
+    #[command(after_help = "Examples:\n  vmref --store /srv/vm1 ref demote before-upgrade")]
     /// Drop a checkpoint's saved data, leaving a plain point
     Demote { name: String },
+    #[command(
+        after_help = "Examples:\n  vmref --store /srv/vm1 ref list\n  vmref --store /srv/vm1 ref list --owner veeam --json"
+    )]
     /// List reference points, oldest first
     List {
         /// Only points of this owner
@@ -253,12 +304,14 @@ pub enum RefCmd {
         #[command(flatten)]
         json: Json,
     },
+    #[command(after_help = "Examples:\n  vmref --store /srv/vm1 ref show nightly-1 --json")]
     /// Show one reference point
     Show {
         name: String,
         #[command(flatten)]
         json: Json,
     },
+    #[command(after_help = "Examples:\n  vmref --store /srv/vm1 ref delete veeam-41")]
     /// Delete a reference point
     Delete { name: String },
 }
@@ -266,17 +319,21 @@ pub enum RefCmd {
 #[derive(Debug, Subcommand)]
 pub enum ReplicaCmd {
     /// List the replica images this store keeps, and the point each holds
+    #[command(after_help = "Examples:\n  vmref --store /srv/vm1 replica list --json")]
     List {
         #[command(flatten)]
         json: Json,
     },
     /// Make replica images live disks of this store (failover, migration): tracking starts
     /// exactly at the point each holds, so the next backup or send since it is incremental
-    #[command(after_help = "Example: vmref replica promote disk0 && vmref mount /mnt/vmref")]
+    #[command(
+        after_help = "Examples:\n  vmref --store /srv/vm1 replica promote disk0 && vmref --store /srv/vm1 mount /mnt/vmref"
+    )]
     Promote {
         #[arg(required = true)]
         disks: Vec<String>,
     },
     /// Stop keeping a replica image (the image file is left alone)
+    #[command(after_help = "Examples:\n  vmref --store /srv/vm1 replica forget disk0")]
     Forget { disk: String },
 }

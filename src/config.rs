@@ -27,6 +27,53 @@ pub struct Config {
     pub allow_other: Option<bool>,
     /// `status --check` fails when the newest backup is older than this many seconds.
     pub max_backup_age_secs: Option<u64>,
+    /// The `[retention]` table: the policy `vmref prune` applies when given no `--keep-*`
+    /// flag.
+    pub retention: Option<Retention>,
+}
+
+/// The `[retention]` table: the keys of `prune`'s `--keep-*` flags, with underscores. Kept
+/// apart from `backup::retention::Policy` so that this module stays below `backup`; the
+/// command turns it into a policy.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Retention {
+    pub keep_last: Option<u32>,
+    pub keep_hourly: Option<u32>,
+    pub keep_daily: Option<u32>,
+    pub keep_weekly: Option<u32>,
+    pub keep_monthly: Option<u32>,
+    pub keep_yearly: Option<u32>,
+}
+
+impl Retention {
+    fn rules(&self) -> [(&'static str, Option<u32>); 6] {
+        [
+            ("keep_last", self.keep_last),
+            ("keep_hourly", self.keep_hourly),
+            ("keep_daily", self.keep_daily),
+            ("keep_weekly", self.keep_weekly),
+            ("keep_monthly", self.keep_monthly),
+            ("keep_yearly", self.keep_yearly),
+        ]
+    }
+
+    /// At least one rule, none of them 0: found when the file is read, not at the first
+    /// nightly prune.
+    fn validate(&self) -> std::result::Result<(), String> {
+        let rules = self.rules();
+        if rules.iter().all(|(_, n)| n.is_none()) {
+            let keys: Vec<&str> = rules.iter().map(|(k, _)| *k).collect();
+            return Err(format!(
+                "[retention] needs at least one of {}",
+                keys.join(", ")
+            ));
+        }
+        match rules.iter().find(|(_, n)| *n == Some(0)) {
+            Some((k, _)) => Err(format!("[retention] {k} must be at least 1")),
+            None => Ok(()),
+        }
+    }
 }
 
 impl Config {
@@ -51,7 +98,11 @@ impl Config {
     }
 
     pub fn parse(text: &str) -> std::result::Result<Config, String> {
-        toml::from_str(text).map_err(|e| e.message().to_string())
+        let c: Config = toml::from_str(text).map_err(|e| e.message().to_string())?;
+        if let Some(r) = &c.retention {
+            r.validate()?;
+        }
+        Ok(c)
     }
 
     /// `--store`, else `$VMREF_STORE`, else the config's `store`, else the default.
@@ -85,13 +136,35 @@ mod tests {
             .lines()
             .map(|l| {
                 l.strip_prefix("# ")
-                    .filter(|r| r.contains(" = "))
+                    .filter(|r| r.contains(" = ") || r.starts_with('['))
                     .unwrap_or("")
             })
             .collect::<Vec<_>>()
             .join("\n");
         let c = Config::parse(&uncommented).unwrap();
         assert_eq!(c.store.as_deref(), Some(Path::new(DEFAULT_STORE)));
+        assert_eq!(c.retention.and_then(|r| r.keep_daily), Some(7));
         assert!(Config::parse("nope = 1").is_err());
+    }
+
+    #[test]
+    fn retention_table_needs_a_valid_rule() {
+        let c = Config::parse("[retention]\nkeep_daily = 7\nkeep_weekly = 4\n").unwrap();
+        let r = c.retention.unwrap();
+        assert_eq!(
+            (r.keep_daily, r.keep_weekly, r.keep_last),
+            (Some(7), Some(4), None)
+        );
+        for bad in [
+            "[retention]\n",
+            "[retention]\nkeep_daily = 0\n",
+            "[retention]\nkeep_dayly = 7\n",
+            "[retention]\nkeep_daily = -1\n",
+            "[retention]\nkeep_daily = \"7\"\n",
+        ] {
+            assert!(Config::parse(bad).is_err(), "{bad:?}");
+        }
+        let err = Config::parse("[retention]\nkeep_daily = 0\n").unwrap_err();
+        assert!(err.contains("keep_daily must be at least 1"), "{err}");
     }
 }

@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::backup::manage::{PruneArgs, PruneReport};
+use crate::backup::outcome::LastBackup;
 use crate::backup::restore::RestoreReport;
 use crate::backup::run::BackupReport;
 use crate::backup::verify::VerifyReport;
@@ -124,6 +125,22 @@ pub struct Status {
     pub restorable: usize,
     /// What the repository holds, against what the points hold.
     pub space: backup::data::Space,
+    /// Bytes the whole store directory takes on disk (repository, tracking files, records).
+    #[serde(default)]
+    pub store_bytes: u64,
+    /// The outcome of the last backup attempt (`None` before the first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_backup: Option<LastBackup>,
+}
+
+/// A point as a monitor sees it: which, and how long ago.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PointAge {
+    pub name: String,
+    pub state: RefState,
+    pub created_unix: u64,
+    /// Seconds since it was created, or for a backup since it finished.
+    pub age_secs: u64,
 }
 
 /// One disk in `status`. An unavailable disk has only its name, image and `tracking`.
@@ -148,6 +165,18 @@ pub struct DiskStatus {
     pub restart_reason: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tracker_memory_bytes: Option<u64>,
+    /// Bytes its tracking files (map and log) take on disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracking_bytes: Option<u64>,
+    /// The newest point of any state that holds this disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub newest_point: Option<PointAge>,
+    /// The newest restorable point that holds this disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub newest_backup: Option<PointAge>,
+    /// The last backup attempt (every backup covers every disk, so the store's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_backup: Option<LastBackup>,
 }
 
 /// Carry out a request on the engine.
@@ -185,7 +214,7 @@ pub fn execute_with(
             full,
             since,
             owner,
-        } => raw(&backup::run::backup(
+        } => raw(&backup::outcome::backup_recorded(
             engine,
             name,
             owner.as_deref(),
@@ -287,6 +316,13 @@ fn engine_status(engine: &Engine) -> Result<Status> {
                 tracking,
                 restart_reason: Some(t.lost_reason().to_string()),
                 tracker_memory_bytes: Some(t.map().memory_bytes()),
+                tracking_bytes: Some(
+                    disk_usage(&store.map_path(d.name()), None)
+                        + disk_usage(&store.log_path(d.name()), None),
+                ),
+                newest_point: None,
+                newest_backup: None,
+                last_backup: None,
             }
         })
         .collect();
@@ -302,7 +338,39 @@ fn engine_status(engine: &Engine) -> Result<Status> {
             tracking: format!("unavailable: {why}"),
             restart_reason: None,
             tracker_memory_bytes: None,
+            tracking_bytes: None,
+            newest_point: None,
+            newest_backup: None,
+            last_backup: None,
         });
+    }
+    let last_backup = backup::outcome::read(store)
+        .unwrap_or_else(|e| {
+            log::warn!("{e}");
+            None
+        })
+        .map(backup::outcome::as_seen_by_owner);
+    let now = crate::store::now_unix();
+    for d in &mut disks {
+        let holding = || refs.iter().rev().filter(|r| r.disks.contains_key(&d.name));
+        let age = |r: &RefRecord, at: u64| PointAge {
+            name: r.name.clone(),
+            state: r.state,
+            created_unix: r.created_unix,
+            age_secs: now.saturating_sub(at),
+        };
+        d.newest_point = holding().next().map(|r| age(r, r.created_unix));
+        d.newest_backup = holding()
+            .find(|r| r.state == RefState::Restorable)
+            .map(|r| {
+                age(
+                    r,
+                    r.backup
+                        .as_ref()
+                        .map_or(r.created_unix, |b| b.finished_unix),
+                )
+            });
+        d.last_backup = last_backup.clone();
     }
     Ok(Status {
         store: store.root().to_path_buf(),
@@ -315,7 +383,32 @@ fn engine_status(engine: &Engine) -> Result<Status> {
             .filter(|r| r.state == RefState::Restorable)
             .count(),
         space: backup::data::space(store, &engine.backup_state().data, &refs)?,
+        store_bytes: disk_usage(store.root(), None),
+        last_backup,
     })
+}
+
+/// Bytes a file or a directory tree takes on disk (allocated blocks; symlinks not followed,
+/// nor other filesystems: a mount point inside the store must not count the VM's images).
+/// What cannot be read counts as nothing: this is for monitors, not accounting.
+fn disk_usage(path: &Path, dev: Option<u64>) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(m) = std::fs::symlink_metadata(path) else {
+        return 0;
+    };
+    if dev.is_some_and(|d| d != m.dev()) {
+        return 0;
+    }
+    let mut n = m.blocks() * 512;
+    if m.is_dir()
+        && let Ok(rd) = std::fs::read_dir(path)
+    {
+        n += rd
+            .flatten()
+            .map(|e| disk_usage(&e.path(), Some(m.dev())))
+            .sum::<u64>();
+    }
+    n
 }
 
 /// The typed operations commands call: each runs its request on the store's owner.
@@ -403,9 +496,14 @@ pub fn backup(
         since: since.map(str::to_string),
         owner: owner.map(str::to_string),
     };
-    run_typed(store, &req, |e| {
-        backup::run::backup(e, name, owner, full, since, progress)
-    })
+    let started = std::time::SystemTime::now();
+    let r = run_typed(store, &req, |e| {
+        backup::outcome::backup_recorded(e, name, owner, full, since, progress)
+    });
+    if let Err(e) = &r {
+        backup::outcome::record_if_unrecorded(store, name, owner, started, e);
+    }
+    r
 }
 
 /// See `ref_create`.

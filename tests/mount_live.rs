@@ -445,3 +445,87 @@ fn chown_and_chmod_on_a_live_disk_apply_to_the_image_and_keep_tracking() {
     let st = s.json(&["status", "--json"]);
     assert_eq!(st["disks"][0]["tracking"], "ok", "{st}");
 }
+
+/// Extended attributes as libvirt's `remember_owner` uses them: a live disk (and every file
+/// below the root) answers EOPNOTSUPP, as a filesystem without xattrs does, so libvirt skips
+/// remembering the owner instead of failing to start the VM; only the root carries the
+/// store's name.
+#[test]
+fn live_disks_say_they_support_no_xattrs() {
+    if !fuse_ok("live_disks_say_they_support_no_xattrs") {
+        return;
+    }
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let s = Setup::new(&initial(2 * MIB));
+    s.ok(&["backup", "b1"]);
+    let _m = s.mount();
+    let c = |p: &std::path::Path| CString::new(p.as_os_str().as_bytes()).unwrap();
+    let errno = || std::io::Error::last_os_error().raw_os_error();
+    let name = CString::new("trusted.libvirt.security.ref_dac").unwrap();
+    let mut buf = [0u8; 256];
+    for p in [s.live(), s.mnt.join("b1/disk0.img"), s.mnt.join("live")] {
+        let cp = c(&p);
+        // SAFETY: valid C strings and a buffer of the length given.
+        let r = unsafe {
+            libc::getxattr(
+                cp.as_ptr(),
+                name.as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        };
+        assert_eq!(
+            (r, errno()),
+            (-1, Some(libc::EOPNOTSUPP)),
+            "getxattr {}",
+            p.display()
+        );
+    }
+    let live = c(&s.live());
+    // SAFETY: as above.
+    let r = unsafe { libc::setxattr(live.as_ptr(), name.as_ptr(), b"1".as_ptr().cast(), 1, 0) };
+    assert_eq!(
+        (r, errno()),
+        (-1, Some(libc::EOPNOTSUPP)),
+        "setxattr on the live disk"
+    );
+    // SAFETY: as above.
+    let r = unsafe { libc::removexattr(live.as_ptr(), name.as_ptr()) };
+    assert_eq!(
+        (r, errno()),
+        (-1, Some(libc::EOPNOTSUPP)),
+        "removexattr on the live disk"
+    );
+    // A point's image stays read-only.
+    let point = c(&s.mnt.join("b1/disk0.img"));
+    // SAFETY: as above.
+    let r = unsafe { libc::setxattr(point.as_ptr(), name.as_ptr(), b"1".as_ptr().cast(), 1, 0) };
+    assert_eq!(
+        (r, errno()),
+        (-1, Some(libc::EROFS)),
+        "setxattr on a point's image"
+    );
+    // The root still names its store.
+    let root = c(&s.mnt);
+    let store_attr = CString::new("user.vmref.store").unwrap();
+    // SAFETY: as above.
+    let n = unsafe {
+        libc::getxattr(
+            root.as_ptr(),
+            store_attr.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    assert!(n > 0, "the root's store xattr: {:?}", errno());
+    assert_eq!(
+        &buf[..n as usize],
+        std::fs::canonicalize(&s.store)
+            .unwrap()
+            .as_os_str()
+            .as_bytes()
+    );
+    // And the image is untouched by any of it: tracking saw nothing.
+    assert_eq!(s.tracking(), "ok");
+}

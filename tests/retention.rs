@@ -324,3 +324,70 @@ fn bad_policies_are_refused_and_change_nothing() {
     assert_eq!(snapshot(&e), before);
     p.check_restores(&e);
 }
+
+#[test]
+fn the_config_files_retention_table_is_the_default_policy() {
+    let mut e = Env::new(16 * BS, &[]);
+    let mut p = Points::new();
+    // 2023-11-14 .. 2023-11-17, one a day.
+    for (i, n) in ["d1", "d2", "d3", "d4"].iter().enumerate() {
+        p.backup(&mut e, n, 1_700_000_000 + i as u64 * 86_400, None);
+    }
+    let conf = e.path("config.toml");
+    std::fs::write(&conf, "[retention]\nkeep_last = 1\nkeep_daily = 2\n").unwrap();
+    let c = conf.to_str().unwrap();
+
+    // No flag: the table's rules.
+    let before = snapshot(&e);
+    let r = prune_json(&e, &["--config", c, "--dry-run"], "UTC0");
+    assert_eq!(
+        table(&r),
+        (
+            kept(&[("d3", &["daily"]), ("d4", &["last", "daily"])]),
+            names(&["d1", "d2"])
+        )
+    );
+    // Any flag replaces the whole table.
+    let r = prune_json(
+        &e,
+        &["--config", c, "--keep-last", "3", "--dry-run"],
+        "UTC0",
+    );
+    assert_eq!(
+        table(&r),
+        (
+            kept(&[("d2", &["last"]), ("d3", &["last"]), ("d4", &["last"])]),
+            names(&["d1"])
+        )
+    );
+    assert_eq!(snapshot(&e), before);
+
+    let out = ok_with(&e, &["--config", c, "prune"], "UTC0", None);
+    assert!(out.contains("pruned 2 point(s) (d1, d2), kept 2"), "{out}");
+    assert_eq!(e.restorable(), names(&["d3", "d4"]));
+    p.check_restores(&e);
+
+    // A table with no usable rule is refused when the file is read, in one line naming it.
+    let before = snapshot(&e);
+    for (text, msg) in [
+        (
+            "[retention]\nkeep_daily = 0\n",
+            "keep_daily must be at least 1",
+        ),
+        ("[retention]\nkeep_dayly = 3\n", "keep_dayly"),
+        ("[retention]\n", "needs at least one of keep_last"),
+    ] {
+        std::fs::write(&conf, text).unwrap();
+        let o = e.cmd(&["--config", c, "prune"]).output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{text:?}");
+        assert!(err.contains(msg) && err.contains(c), "{text:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{text:?}: {err}");
+    }
+    // Without the table, prune still needs flags, and says where a policy can come from.
+    std::fs::write(&conf, "").unwrap();
+    let o = e.cmd(&["--config", c, "prune"]).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("[retention] table"), "{err}");
+    assert_eq!(snapshot(&e), before);
+}

@@ -6,6 +6,7 @@
 //! STORE/repo/                 the repository: content-addressed blocks and point maps (`repo`)
 //! STORE/data/cow/             open checkpoints' saved blocks, unlinked at creation
 //! STORE/data/prune.journal    the points a prune deletes, between its commit and its end
+//! STORE/data/last-backup      the outcome of the last backup attempt, for monitors
 //! ```
 //!
 //! Invariants kept here (numbers as in docs/design.md):
@@ -34,6 +35,7 @@ pub mod data;
 pub mod gc;
 pub mod image;
 pub mod manage;
+pub mod outcome;
 pub mod progress;
 pub mod restore;
 pub mod retention;

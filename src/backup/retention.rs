@@ -81,7 +81,8 @@ impl Policy {
         if rules.is_empty() {
             return Err(Error::BadArgument(
                 "prune needs at least one of --keep-last, --keep-hourly, --keep-daily, \
-                 --keep-weekly, --keep-monthly, --keep-yearly"
+                 --keep-weekly, --keep-monthly, --keep-yearly (or a [retention] table in the \
+                 config file)"
                     .into(),
             ));
         }

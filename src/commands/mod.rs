@@ -19,8 +19,9 @@ use std::io::Write;
 use serde::Serialize;
 
 use crate::backup::Progress;
+use crate::backup::retention::Policy;
 use crate::cli::{Cli, Command, DiskCmd, RefCmd, ReplicaCmd};
-use crate::config::Config;
+use crate::config::{Config, Retention};
 use crate::error::{Error, Result};
 use crate::store::records::{RefRecord, RefState};
 
@@ -116,7 +117,7 @@ fn run_to(cli: Cli, out: &mut impl Write, progress: &dyn Progress) -> Result<()>
             json,
         } => {
             let args = crate::backup::manage::PruneArgs {
-                policy,
+                policy: prune_policy(policy, cx.config.retention),
                 owner,
                 dry_run,
                 // The daemon may run in another zone: the calendar is the asking shell's.
@@ -150,6 +151,22 @@ fn run_to(cli: Cli, out: &mut impl Write, progress: &dyn Progress) -> Result<()>
         Command::Replica(ReplicaCmd::List { json }) => replicate::replica_list(cx, json.json),
         Command::Replica(ReplicaCmd::Promote { disks }) => replicate::replica_promote(cx, &disks),
         Command::Replica(ReplicaCmd::Forget { disk }) => replicate::replica_forget(cx, &disk),
+    }
+}
+
+/// A prune's policy: its `--keep-*` flags when it has any, else the config's `[retention]`.
+/// Any flag replaces the whole table, so rules never mix from two places.
+fn prune_policy(flags: Policy, config: Option<Retention>) -> Policy {
+    match config {
+        Some(r) if flags.rules().is_empty() => Policy {
+            keep_last: r.keep_last,
+            keep_hourly: r.keep_hourly,
+            keep_daily: r.keep_daily,
+            keep_weekly: r.keep_weekly,
+            keep_monthly: r.keep_monthly,
+            keep_yearly: r.keep_yearly,
+        },
+        _ => flags,
     }
 }
 
@@ -240,5 +257,26 @@ mod tests {
         assert_eq!(human(65536), "64 KiB");
         assert_eq!(human(1536), "1.5 KiB");
         assert_eq!(human(12), "12 B");
+    }
+
+    #[test]
+    fn prune_flags_replace_the_configured_policy() {
+        let conf = Retention {
+            keep_daily: Some(7),
+            keep_weekly: Some(4),
+            ..Retention::default()
+        };
+        let p = prune_policy(Policy::default(), Some(conf));
+        assert_eq!(
+            (p.keep_daily, p.keep_weekly, p.keep_last),
+            (Some(7), Some(4), None)
+        );
+        let flags = Policy {
+            keep_last: Some(2),
+            ..Policy::default()
+        };
+        assert_eq!(prune_policy(flags, Some(conf)), flags);
+        assert_eq!(prune_policy(flags, None), flags);
+        assert_eq!(prune_policy(Policy::default(), None), Policy::default());
     }
 }

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use super::{Ctx, human};
 use std::sync::Arc;
 
+use crate::backup::outcome::{LastBackup, Outcome};
 use crate::control;
 use crate::error::{Error, Result};
 use crate::repo::backend::LocalBackend;
@@ -97,6 +98,9 @@ pub(super) fn status(cx: &mut Ctx<'_, impl Write>, json: bool) -> Result<()> {
         sp.blobs,
         human(sp.raw_bytes)
     ))?;
+    if let Some(b) = &st.last_backup {
+        cx.emit(format!("last backup: {}", last_backup_line(b)))?;
+    }
     for d in &st.disks {
         let image = d
             .image
@@ -113,6 +117,30 @@ pub(super) fn status(cx: &mut Ctx<'_, impl Write>, json: bool) -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn last_backup_line(b: &LastBackup) -> String {
+    let ago = store::now_unix().saturating_sub(b.finished_unix);
+    match (b.result, &b.error) {
+        (Outcome::Failed, e) => format!(
+            "{} failed after {:.1} s, {ago} s ago: {}",
+            b.name,
+            b.duration_secs,
+            e.as_deref().unwrap_or("unknown error")
+        ),
+        (Outcome::Running, _) => format!(
+            "{} running since {}",
+            b.name,
+            super::rfc3339(b.started_unix_ms / 1000)
+        ),
+        (Outcome::Ok, _) => format!(
+            "{} ok ({}, {} stored) in {:.1} s, {ago} s ago",
+            b.name,
+            b.kind.map_or("?", |k| k.as_str()),
+            human(b.stored_bytes.unwrap_or(0)),
+            b.duration_secs
+        ),
+    }
 }
 
 /// `status --check`: one line, and an error naming every problem a monitor must see.
@@ -140,6 +168,13 @@ pub(super) fn check(cx: &mut Ctx<'_, impl Write>, max_age: Option<u64>) -> Resul
                 d.name, n.name
             ));
         }
+    }
+    if let Some(b) = st
+        .last_backup
+        .as_ref()
+        .filter(|b| b.result == Outcome::Failed)
+    {
+        problems.push(format!("the last backup, {}", last_backup_line(b)));
     }
     let now = store::now_unix();
     let age = newest.map(|n| {

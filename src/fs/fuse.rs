@@ -47,7 +47,7 @@ fn errno(op: &str, e: &Error) -> Errno {
     let code = e.errno();
     match e {
         Error::Fs {
-            kind: FsKind::NotFound | FsKind::NoMoreData | FsKind::NoAttr,
+            kind: FsKind::NotFound | FsKind::NoMoreData | FsKind::NoAttr | FsKind::Unsupported,
             ..
         } => log::debug!("{op}: {e}"),
         Error::Fs { .. } | Error::OutOfRange { .. } => log::info!("{op}: {e}"),
@@ -396,17 +396,19 @@ impl Filesystem for FuseFs {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _name: &OsStr,
+        name: &OsStr,
         _value: &[u8],
         _flags: i32,
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        reply.error(self.refuse("setxattr", ino, OsStr::new("")));
+        let e = self.fs.xattr_change_error(ino.0, &name.to_string_lossy());
+        reply.error(errno("setxattr", &e));
     }
 
-    fn removexattr(&self, _req: &Request, ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(self.refuse("removexattr", ino, OsStr::new("")));
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let e = self.fs.xattr_change_error(ino.0, &name.to_string_lossy());
+        reply.error(errno("removexattr", &e));
     }
 
     fn fallocate(

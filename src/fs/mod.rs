@@ -668,13 +668,31 @@ impl Fs {
         fs_err(FsKind::ReadOnly, path)
     }
 
-    /// Extended attributes: only the root's store name.
+    /// Extended attributes: only the root has one, the store's name. Files and directories
+    /// below it support none and say so (EOPNOTSUPP, not ENODATA), as a filesystem without
+    /// xattrs does: libvirt's `remember_owner` then skips keeping the disk's owner in xattrs,
+    /// where an ENODATA would have it try to set one and refuse to start the VM.
     pub fn getxattr(&self, ino: u64, name: &str) -> Result<Vec<u8>> {
-        if ino == ROOT_INO && name == STORE_XATTR {
-            use std::os::unix::ffi::OsStrExt;
-            return Ok(self.engine.store().root().as_os_str().as_bytes().to_vec());
+        if ino == ROOT_INO {
+            if name == STORE_XATTR {
+                use std::os::unix::ffi::OsStrExt;
+                return Ok(self.engine.store().root().as_os_str().as_bytes().to_vec());
+            }
+            return Err(fs_err(FsKind::NoAttr, name.to_string()));
         }
-        Err(fs_err(FsKind::NoAttr, name.to_string()))
+        Err(fs_err(FsKind::Unsupported, format!("xattr {name}")))
+    }
+
+    /// Why setting or removing an xattr fails: a live disk supports none (see `getxattr`);
+    /// everything else is the store's layout, read-only.
+    pub fn xattr_change_error(&self, ino: u64, name: &str) -> Error {
+        match self.node(ino) {
+            Ok(n) if matches!(*n, Node::Live { .. }) => {
+                fs_err(FsKind::Unsupported, format!("xattr {name}"))
+            }
+            Ok(_) => self.refuse_change(ino, ""),
+            Err(e) => e,
+        }
     }
 
     /// The store this filesystem serves.
