@@ -788,29 +788,51 @@ fn replica_forget_on(engine: &Engine, disk: &str) -> Result<()> {
     }
 }
 
+/// Run `direct` on an engine of this process when the store is free; else send `req` to the
+/// daemon and let `remote` carry the stream beside it and read the reply. `io` (the stream's
+/// source or sink) goes to whichever runs.
+fn run_streaming<T, I>(
+    store: &Store,
+    req: &Request,
+    io: I,
+    direct: impl FnOnce(&Engine, I) -> Result<T>,
+    remote: impl FnOnce(UnixStream, &Path, I) -> Result<T>,
+) -> Result<T> {
+    match Engine::open(store.clone()) {
+        Ok(engine) => {
+            let v = direct(&engine, io)?;
+            engine.close()?;
+            Ok(v)
+        }
+        Err(Error::Locked(_)) => {
+            let path = store.socket_path();
+            let mut s = UnixStream::connect(&path)
+                .map_err(|_| Error::Locked(store.root().to_path_buf()))?;
+            write_request(&mut s, &path, req)?;
+            remote(s, &path, io)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// `send`: in this process when the store is free, else streamed by the daemon (framed on
 /// the socket) and copied to `out` here.
 ///
 /// # Errors
 /// As `replicate::send::send`; a closed `out` is one line (the receiving end closed).
 pub fn send(store: &Store, args: &SendArgs, out: &mut dyn Write) -> Result<SendReport> {
-    match Engine::open(store.clone()) {
-        Ok(engine) => {
-            let r = crate::replicate::send::send(&engine, args, out)?;
-            engine.close()?;
-            Ok(r)
-        }
-        Err(Error::Locked(_)) => {
-            let path = store.socket_path();
-            let mut s = UnixStream::connect(&path)
-                .map_err(|_| Error::Locked(store.root().to_path_buf()))?;
-            write_request(&mut s, &path, &Request::Send(args.clone()))?;
+    run_streaming(
+        store,
+        &Request::Send(args.clone()),
+        out,
+        |e, out| crate::replicate::send::send(e, args, out),
+        |s, path, out| {
             let mut r = BufReader::with_capacity(1 << 20, s);
             let mut frames = FrameReader::new(&mut r);
             let mut buf = vec![0u8; crate::replicate::framing::CHUNK];
             loop {
                 let n = std::io::Read::read(&mut frames, &mut buf)
-                    .map_err(Error::io("read from the daemon at", &path))?;
+                    .map_err(Error::io("read from the daemon at", path))?;
                 if n == 0 {
                     break;
                 }
@@ -825,10 +847,9 @@ pub fn send(store: &Store, args: &SendArgs, out: &mut dyn Write) -> Result<SendR
                 }
             }
             out.flush().map_err(Error::io("write", "the stream"))?;
-            read_reply(&mut r, &path)
-        }
-        Err(e) => Err(e),
-    }
+            read_reply(&mut r, path)
+        },
+    )
 }
 
 /// `receive`: in this process when the store is free, else the stream is sent to the daemon
@@ -841,17 +862,12 @@ pub fn receive(
     args: &ReceiveArgs,
     input: &mut dyn std::io::Read,
 ) -> Result<ReceiveReport> {
-    match Engine::open(store.clone()) {
-        Ok(engine) => {
-            let r = crate::replicate::receive::receive(&engine, args, input)?;
-            engine.close()?;
-            Ok(r)
-        }
-        Err(Error::Locked(_)) => {
-            let path = store.socket_path();
-            let mut s = UnixStream::connect(&path)
-                .map_err(|_| Error::Locked(store.root().to_path_buf()))?;
-            write_request(&mut s, &path, &Request::Receive(args.clone()))?;
+    run_streaming(
+        store,
+        &Request::Receive(args.clone()),
+        input,
+        |e, input| crate::replicate::receive::receive(e, args, input),
+        |s, path, input| {
             {
                 let mut fw = FrameWriter::new(std::io::BufWriter::with_capacity(1 << 20, &s));
                 let mut buf = vec![0u8; crate::replicate::framing::CHUNK];
@@ -873,11 +889,9 @@ pub fn receive(
                 }
             }
             let _ = s.shutdown(std::net::Shutdown::Write);
-            let mut r = BufReader::new(s);
-            read_reply(&mut r, &path)
-        }
-        Err(e) => Err(e),
-    }
+            read_reply(&mut BufReader::new(s), path)
+        },
+    )
 }
 
 /// See `ref_create`.

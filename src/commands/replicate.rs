@@ -7,6 +7,7 @@ use super::{Ctx, human};
 use crate::control;
 use crate::error::{Error, Result};
 use crate::replicate::receive::ReceiveArgs;
+use crate::replicate::replica::ApplyReport;
 use crate::replicate::send::SendArgs;
 use crate::store::atomic::TempFile;
 
@@ -64,14 +65,7 @@ pub(super) fn receive(
         if json {
             return cx.print_json(&r);
         }
-        for f in &r.finished {
-            cx.emit(format!(
-                "finished the interrupted apply of point {} to {} (disk {})",
-                f.point,
-                f.image.display(),
-                f.disk
-            ))?;
-        }
+        emit_finished(cx, &r.finished)?;
         return match r.discarded {
             Some(p) => cx.emit(format!(
                 "discarded the partial receive of point {p} ({} freed)",
@@ -109,14 +103,7 @@ pub(super) fn receive(
     if json {
         return cx.print_json(&r);
     }
-    for f in &r.finished {
-        cx.emit(format!(
-            "finished the interrupted apply of point {} to {} (disk {})",
-            f.point,
-            f.image.display(),
-            f.disk
-        ))?;
-    }
+    emit_finished(cx, &r.finished)?;
     cx.emit(format!(
         "received {}{}{}: {} blocks, {} stream, {} stored",
         r.point,
@@ -188,4 +175,17 @@ pub(super) fn replica_forget(cx: &mut Ctx<'_, impl Write>, disk: &str) -> Result
     let s = cx.open_store()?;
     control::replica_forget(&s, disk)?;
     cx.emit(format!("no longer keeping a replica of disk {disk}"))
+}
+
+/// One line for each interrupted apply a command finished first.
+fn emit_finished(cx: &mut Ctx<'_, impl Write>, done: &[ApplyReport]) -> Result<()> {
+    for f in done {
+        cx.emit(format!(
+            "finished the interrupted apply of point {} to {} (disk {})",
+            f.point,
+            f.image.display(),
+            f.disk
+        ))?;
+    }
+    Ok(())
 }

@@ -114,7 +114,11 @@ pub struct RefRecord {
     pub origin: Option<String>,
 }
 
-fn read_record<T: serde::de::DeserializeOwned>(kind: Kind, path: &Path) -> Result<Option<T>> {
+/// An envelope record, or none when the file is missing; damage is `Error::Format`.
+pub(super) fn read_record<T: serde::de::DeserializeOwned>(
+    kind: Kind,
+    path: &Path,
+) -> Result<Option<T>> {
     match fs::read(path) {
         Ok(b) => format::decode(kind, &b)
             .map(Some)

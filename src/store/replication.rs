@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::records::read_record;
 use super::{Store, atomic, mkdir_private};
 use crate::error::{Error, Result};
 use crate::format::{self, Kind};
@@ -107,19 +108,6 @@ pub struct Applying {
     pub point_id: String,
 }
 
-fn read<T: serde::de::DeserializeOwned>(kind: Kind, path: &Path) -> Result<Option<T>> {
-    match fs::read(path) {
-        Ok(b) => format::decode(kind, &b)
-            .map(Some)
-            .map_err(|source| Error::Format {
-                path: path.to_path_buf(),
-                source,
-            }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(Error::io("read", path)(e)),
-    }
-}
-
 impl Store {
     pub fn partial_receive_path(&self) -> PathBuf {
         self.root().join("receive.partial")
@@ -136,7 +124,7 @@ impl Store {
     /// # Errors
     /// A damaged file; I/O failures.
     pub fn partial_receive(&self) -> Result<Option<PartialReceive>> {
-        read(PARTIAL_RECEIVE, &self.partial_receive_path())
+        read_record(PARTIAL_RECEIVE, &self.partial_receive_path())
     }
 
     /// # Errors
@@ -162,7 +150,7 @@ impl Store {
     /// A damaged record; I/O failures.
     pub fn replica(&self, disk: &str) -> Result<Option<ReplicaRecord>> {
         crate::names::validate(disk)?;
-        read(REPLICA_RECORD, &self.replica_path(disk))
+        read_record(REPLICA_RECORD, &self.replica_path(disk))
     }
 
     /// Every replica record.
@@ -182,7 +170,7 @@ impl Store {
             let n = e.file_name().to_string_lossy().into_owned();
             if n.ends_with(".replica")
                 && !n.starts_with('.')
-                && let Some(r) = read(REPLICA_RECORD, &dir.join(&n))?
+                && let Some(r) = read_record(REPLICA_RECORD, &dir.join(&n))?
             {
                 out.push(r);
             }
