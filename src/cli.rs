@@ -122,12 +122,16 @@ pub enum Command {
         force: bool,
     },
     #[command(
-        after_help = "Examples:\n  vmref --store /srv/vm1 verify\n  vmref --store /srv/vm1 verify nightly-1 --json"
+        after_help = "Examples:\n  vmref --store /srv/vm1 verify\n  vmref --store /srv/vm1 verify nightly-1 --json\n  vmref --store /srv/vm1 verify --repair"
     )]
     /// Check every stored block of one restorable point, or of all, against its checksum
     Verify {
         #[arg(value_name = "REF")]
         point: Option<String>,
+        /// Store damaged blocks again from a live disk wherever tracking proves its bytes are
+        /// the point's (checked against the block's hash first), then check again
+        #[arg(long)]
+        repair: bool,
         /// Print one JSON document on stdout
         #[arg(long)]
         json: bool,

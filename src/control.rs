@@ -90,6 +90,9 @@ pub enum Request {
     /// Check the stored blocks of one restorable point, or of all.
     Verify {
         point: Option<String>,
+        /// Store damaged blocks again from live disks (`backup::verify::repair`).
+        #[serde(default)]
+        repair: bool,
     },
     Status,
     Ping,
@@ -243,12 +246,9 @@ pub fn execute_with(
             *force,
             progress,
         )?),
-        Request::Verify { point } => raw(&backup::verify::verify(
-            engine.store(),
-            &engine.backup_state().data,
-            point.as_deref(),
-            progress,
-        )?),
+        Request::Verify { point, repair } => {
+            raw(&verify_on(engine, point.as_deref(), *repair, progress)?)
+        }
         Request::Status => raw(&engine_status(engine)?),
         Request::Send(_) | Request::Receive(_) => {
             return Err(Error::Internal(
@@ -595,14 +595,39 @@ pub fn restore(
 ///
 /// # Errors
 /// As `backup::verify::verify`.
-pub fn verify(store: &Store, point: Option<&str>, progress: &dyn Progress) -> Result<VerifyReport> {
+pub fn verify(
+    store: &Store,
+    point: Option<&str>,
+    repair: bool,
+    progress: &dyn Progress,
+) -> Result<VerifyReport> {
     let req = Request::Verify {
         point: point.map(str::to_string),
+        repair,
     };
+    if repair {
+        // Reads live disks and writes the repository: the store's owner does it.
+        return run_typed(store, &req, |e| verify_on(e, point, true, progress));
+    }
     run_read_only(store, &req, || {
         let data = std::sync::Arc::new(backup::Data::open(store)?);
         backup::verify::verify(store, &data, point, progress)
     })
+}
+
+fn verify_on(
+    engine: &Engine,
+    point: Option<&str>,
+    repair: bool,
+    progress: &dyn Progress,
+) -> Result<VerifyReport> {
+    let data = &engine.backup_state().data;
+    if repair {
+        let _op = engine.lock_ops();
+        backup::verify::repair(engine.store(), data, &engine.disks(), point, progress)
+    } else {
+        backup::verify::verify(engine.store(), data, point, progress)
+    }
 }
 
 /// Who serves the store's control socket, if anyone.

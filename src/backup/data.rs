@@ -77,6 +77,7 @@ impl Data {
         } else {
             Repository::open(backend)?
         };
+        load_damaged(store, &repo);
         Ok(Data::new(Arc::new(repo)))
     }
 
@@ -96,6 +97,39 @@ impl Data {
     /// `Format` for a missing or damaged block; I/O failures.
     pub fn block(&self, hash: &Hash) -> Result<Arc<Vec<u8>>> {
         super::blocks::fetch(&self.repo, &self.blocks, hash)
+    }
+}
+
+/// Where `verify` records the blocks it found damaged (hex hashes, one a line), so that the
+/// next backup of their bytes stores them again whichever process runs it.
+pub fn damaged_path(store: &Store) -> std::path::PathBuf {
+    store.data_dir().join("damaged-blocks")
+}
+
+/// Record the repository's known-damaged blocks (or remove the record when none are left).
+///
+/// # Errors
+/// I/O failures.
+pub fn save_damaged(store: &Store, repo: &Repository) -> Result<()> {
+    let mut hashes: Vec<String> = repo.damaged().iter().map(Hash::to_hex).collect();
+    let path = damaged_path(store);
+    if hashes.is_empty() {
+        if path.exists() {
+            crate::store::atomic::remove_durable(&path)?;
+        }
+        return Ok(());
+    }
+    hashes.sort();
+    let mut text = hashes.join("\n");
+    text.push('\n');
+    crate::store::atomic::write_atomic(&path, text.as_bytes())
+}
+
+/// Load the record `save_damaged` wrote (lines that are not hashes are ignored: it is a hint
+/// that makes a backup store a block again, never a source of data).
+fn load_damaged(store: &Store, repo: &Repository) {
+    if let Ok(text) = std::fs::read_to_string(damaged_path(store)) {
+        repo.mark_damaged(text.lines().filter_map(Hash::parse));
     }
 }
 

@@ -11,10 +11,14 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::error::Result;
+use std::os::unix::fs::FileExt;
+
+use crate::error::{Error, Result};
+use crate::live::LiveDisk;
 use crate::repo::{BlobKind, BlobStore, Hash};
 use crate::store::Store;
 use crate::store::records::{RefRecord, RefState};
+use crate::track::seqmap::BlockRun;
 
 use super::data::{Data, map_of};
 use super::progress::Progress;
@@ -24,9 +28,12 @@ use super::progress::Progress;
 pub struct Damage {
     pub point: String,
     pub disk: String,
-    /// The disk block, or None when a whole index is unreadable.
+    /// The disk block, or None when a whole map or map node is unreadable.
     pub block: Option<u64>,
     pub what: String,
+    /// The damaged block's hash (hex), when a block is damaged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash: Option<String>,
 }
 
 /// What verify found.
@@ -36,6 +43,10 @@ pub struct VerifyReport {
     pub checked_blocks: u64,
     pub checked_bytes: u64,
     pub damaged: Vec<Damage>,
+    /// With `--repair`: the damaged blocks stored again from good bytes (then checked again:
+    /// `damaged` is what stays damaged).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub repaired: Vec<Damage>,
 }
 
 /// Verify one point, or every restorable point.
@@ -83,6 +94,7 @@ pub fn verify(
                 disk: disk.clone(),
                 block,
                 what,
+                hash: None,
             };
             let map = match map_of(store, r, disk) {
                 Ok((m, _)) => m,
@@ -112,7 +124,10 @@ pub fn verify(
                         .map(|e| e.to_string())
                 });
                 if let Some(why) = verdict {
-                    report.damaged.push(damage(Some(b), why.clone()));
+                    report.damaged.push(Damage {
+                        hash: Some(h.to_hex()),
+                        ..damage(Some(b), why.clone())
+                    });
                 }
             }
         }
@@ -121,5 +136,86 @@ pub fn verify(
     report
         .damaged
         .sort_by(|a, b| (&a.point, &a.disk, a.block).cmp(&(&b.point, &b.disk, b.block)));
+    // Known damaged from now on: the next backup of these bytes stores them again.
+    let bad: Vec<Hash> = report
+        .damaged
+        .iter()
+        .filter_map(|d| d.hash.as_deref().and_then(Hash::parse))
+        .collect();
+    if !bad.is_empty() {
+        data.repo.mark_damaged(bad);
+        if let Err(e) = super::data::save_damaged(store, &data.repo) {
+            log::warn!("recording the damaged blocks: {e}");
+        }
+    }
+    Ok(report)
+}
+
+/// `verify --repair`: verify, store each damaged block again from a live disk wherever
+/// tracking proves the live block unchanged since a point that needs it (and its bytes match
+/// the block's hash: checked before anything is written), then verify again. What no live
+/// disk can vouch for stays damaged and is reported.
+///
+/// # Errors
+/// As `verify`; I/O failures storing repaired blocks.
+pub fn repair(
+    store: &Store,
+    data: &Arc<Data>,
+    live: &[Arc<LiveDisk>],
+    point: Option<&str>,
+    progress: &dyn Progress,
+) -> Result<VerifyReport> {
+    let first = verify(store, data, point, &super::NoProgress)?;
+    let bs = store.block_size() as u64;
+    let mut repaired: Vec<Damage> = Vec::new();
+    let mut done: HashMap<Hash, bool> = HashMap::new();
+    // Changed-since lists, one per (point, disk).
+    let mut changed: HashMap<(String, String), Option<Vec<BlockRun>>> = HashMap::new();
+    for d in &first.damaged {
+        let (Some(b), Some(h)) = (d.block, d.hash.as_deref().and_then(Hash::parse)) else {
+            continue;
+        };
+        if let Some(&ok) = done.get(&h) {
+            if ok {
+                repaired.push(d.clone());
+            }
+            continue;
+        }
+        let Some(disk) = live.iter().find(|l| l.name() == d.disk) else {
+            continue;
+        };
+        let runs = changed
+            .entry((d.point.clone(), d.disk.clone()))
+            .or_insert_with(|| {
+                let rec = store.read_ref(&d.point).ok()?;
+                let seq = rec.disks.get(&d.disk)?.seq;
+                (rec.disks[&d.disk].size == disk.size())
+                    .then(|| disk.tracker().changed_since(&d.point, seq).ok())
+                    .flatten()
+            });
+        let Some(runs) = runs else { continue };
+        // Written since the point: the live bytes are newer than the point's.
+        if runs.iter().any(|r| r.start <= b && b < r.start + r.count) {
+            continue;
+        }
+        let off = b * bs;
+        if off >= disk.size() {
+            continue;
+        }
+        let len = bs.min(disk.size() - off) as usize;
+        let mut buf = vec![0u8; bs as usize];
+        disk.file()
+            .read_exact_at(&mut buf[..len], off)
+            .map_err(Error::io("read", disk.image()))?;
+        let ok = data.repo.store_again(BlobKind::Data, &h, &buf)?;
+        done.insert(h, ok);
+        if ok {
+            repaired.push(d.clone());
+        }
+    }
+    data.repo.flush()?;
+    let mut report = verify(store, data, point, progress)?;
+    super::data::save_damaged(store, &data.repo)?;
+    report.repaired = repaired;
     Ok(report)
 }

@@ -56,12 +56,24 @@ pub(super) fn restore(
     ))
 }
 
-pub(super) fn verify(cx: &mut Ctx<'_, impl Write>, point: Option<&str>, json: bool) -> Result<()> {
+pub(super) fn verify(
+    cx: &mut Ctx<'_, impl Write>,
+    point: Option<&str>,
+    repair: bool,
+    json: bool,
+) -> Result<()> {
     let s = cx.open_store()?;
-    let r = control::verify(&s, point, cx.progress)?;
+    let r = control::verify(&s, point, repair, cx.progress)?;
     if json {
         cx.print_json(&r)?;
     } else {
+        for d in &r.repaired {
+            let at = d.block.map(|b| format!(" block {b}")).unwrap_or_default();
+            cx.emit(format!(
+                "repaired: point {} disk {}{at}, from the live disk",
+                d.point, d.disk
+            ))?;
+        }
         for d in &r.damaged {
             let at = d.block.map(|b| format!(" block {b}")).unwrap_or_default();
             cx.emit(format!(

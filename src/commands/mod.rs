@@ -109,7 +109,11 @@ fn run_to(cli: Cli, out: &mut impl Write, progress: &dyn Progress) -> Result<()>
             to,
             force,
         } => backup::restore(cx, &point, &disk, &to, force),
-        Command::Verify { point, json } => backup::verify(cx, point.as_deref(), json),
+        Command::Verify {
+            point,
+            repair,
+            json,
+        } => backup::verify(cx, point.as_deref(), repair, json),
         Command::Prune {
             policy,
             owner,

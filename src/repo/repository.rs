@@ -109,6 +109,9 @@ pub struct Repository {
     /// Blobs and stored (compressed) bytes this handle added: what a backup reports.
     pub(super) added_blobs: AtomicU64,
     pub(super) added_bytes: AtomicU64,
+    /// Blobs whose stored copy is known damaged (`verify` found them): a put stores them
+    /// again instead of deduplicating against the bad copy (see `heal`).
+    pub(super) damaged: RwLock<std::collections::HashSet<Hash>>,
 }
 
 impl Repository {
@@ -195,6 +198,7 @@ impl Repository {
             index_batch: DEFAULT_INDEX_BATCH,
             added_blobs: AtomicU64::new(0),
             added_bytes: AtomicU64::new(0),
+            damaged: RwLock::new(std::collections::HashSet::new()),
         })
     }
 
@@ -310,6 +314,11 @@ impl Repository {
             let mut files = ix.files().to_vec();
             files.insert(0, f);
             *ix = Arc::new(ix.with_files(files));
+        }
+        // A known-damaged blob put again now has a good copy, durable and indexed first.
+        if !self.damaged.read().is_empty() {
+            let mut d = self.damaged.write();
+            d.retain(|h| !g.pending.contains_key(h));
         }
         g.pending.clear();
         Ok(true)
@@ -459,7 +468,7 @@ impl Repository {
             )));
         }
         let hash = Hash::of(data);
-        if self.contains(&hash)? {
+        if self.contains(&hash)? && !self.is_damaged(&hash) {
             return Ok(Prepared::Held(hash));
         }
         let (codec, stored) = compress::compress(self.config.compression, data);
@@ -560,6 +569,7 @@ impl BlobStore for Repository {
     }
 }
 
+mod heal;
 mod transfer;
 pub use transfer::StoredBlob;
 
