@@ -56,8 +56,8 @@ impl Env {
         Env::with_init(size, data, &[], Vec::new(), None)
     }
 
-    /// `new` with more `init` arguments, an environment for every command and the S3
-    /// settings for in-process engines.
+    /// `new` with more `init` arguments (a `--block-size` among them replaces 4K), an
+    /// environment for every command and the S3 settings for in-process engines.
     pub fn with_init(
         size: usize,
         data: &[u8],
@@ -82,7 +82,12 @@ impl Env {
             envs,
             s3,
         };
-        e.ok(&[&["init", "--block-size", "4K"], init].concat());
+        let bs: &[&str] = if init.contains(&"--block-size") {
+            &[]
+        } else {
+            &["--block-size", "4K"]
+        };
+        e.ok(&[&["init"], bs, init].concat());
         e.ok(&["disk", "add", "disk0", e.image.to_str().unwrap()]);
         e
     }
