@@ -24,10 +24,11 @@ cargo test --release "$@" 2>&1 | tee "$log"
 rc=${PIPESTATUS[0]}
 set -e
 # One closing line for the whole run (cargo prints one per test binary, the last for doctests).
-# A mount test that finds no /dev/fuse returns early, which cargo counts as passed; it prints
-# "SKIP: <test>: /dev/fuse missing" (tests/common::fuse_ok), so those move from passed to
-# skipped, together with cargo's own ignored tests.
-awk '{ s += gsub(/SKIP: [^ ]+: \/dev\/fuse missing/, "&") }
+# A mount test that finds no /dev/fuse, or an S3 test that finds no garage binary, returns
+# early, which cargo counts as passed; it prints "SKIP: <test>: /dev/fuse missing"
+# (tests/common::fuse_ok) or "SKIP: <test>: garage missing" (tests/common/garage.rs), so those
+# move from passed to skipped, together with cargo's own ignored tests.
+awk '{ s += gsub(/SKIP: [^ ]+: (\/dev\/fuse|garage) missing/, "&") }
      /^test result:/ {
        for (i = 1; i <= NF; i++) {
          if ($i == "passed;") p += $(i-1)
