@@ -28,8 +28,9 @@ cargo test --release "$@" 2>&1 | tee "$log"
 rc=${PIPESTATUS[0]}
 set -e
 # One closing line for the whole run (cargo prints one per test binary, the last for doctests).
-# A test that cannot run here (no /dev/fuse, no QEMU or kernel) returns early, which cargo
-# counts as passed; it prints "SKIP: <test>: <why>" (tests/common::fuse_ok, tests/real_vm.rs),
+# A test that cannot run here (no /dev/fuse, no QEMU or kernel, no garage binary) returns early, which cargo
+# counts as passed; it prints "SKIP: <test>: <why>" (tests/common::fuse_ok, tests/real_vm.rs,
+# tests/common/garage.rs),
 # so those move from passed to skipped, together with cargo's own ignored tests.
 awk '{ s += gsub(/SKIP: [^ ]+: /, "&") }
      /^test result:/ {

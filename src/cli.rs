@@ -41,6 +41,9 @@ pub enum Command {
         /// Compression of stored blocks: none, zstd (level 3) or zstd:1 to zstd:19
         #[arg(long, value_name = "ALGO")]
         compression: Option<String>,
+        /// Keep backup data in an S3 bucket (s3://BUCKET[/PREFIX]) instead of STORE/repo
+        #[arg(long, value_name = "URL")]
+        repository: Option<String>,
     },
     #[command(
         after_help = "Examples:\n  vmref --store /srv/vm1 disk add disk0 /srv/images/vm1.img\n  vmref --store /srv/vm1 disk list --json"

@@ -30,6 +30,9 @@ pub struct Config {
     /// The `[retention]` table: the policy `vmref prune` applies when given no `--keep-*`
     /// flag.
     pub retention: Option<Retention>,
+    /// Where and as whom a store with an `s3://` repository reaches it.
+    #[serde(default)]
+    pub s3: S3Config,
 }
 
 /// The `[retention]` table: the keys of `prune`'s `--keep-*` flags, with underscores. Kept
@@ -74,6 +77,23 @@ impl Retention {
             None => Ok(()),
         }
     }
+}
+
+/// The `[s3]` table. The environment (`AWS_ENDPOINT_URL`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`
+/// with `AWS_SECRET_ACCESS_KEY`) wins over each key, as for the AWS tools.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct S3Config {
+    /// `https://host[:port]` (plain http only for a loopback address); default AWS's
+    /// endpoint for the region.
+    pub endpoint: Option<String>,
+    /// Signing region; default "us-east-1".
+    pub region: Option<String>,
+    /// Path-style URLs (`ENDPOINT/BUCKET/KEY`, the default) or virtual-hosted ones
+    /// (`BUCKET.HOST/KEY`).
+    pub path_style: Option<bool>,
+    /// A TOML file with `access_key_id` and `secret_access_key`, mode 0600.
+    pub credentials_file: Option<PathBuf>,
 }
 
 impl Config {
@@ -135,6 +155,9 @@ mod tests {
         let uncommented: String = ex
             .lines()
             .map(|l| {
+                if l.starts_with('[') {
+                    return l;
+                }
                 l.strip_prefix("# ")
                     .filter(|r| r.contains(" = ") || r.starts_with('['))
                     .unwrap_or("")
@@ -144,6 +167,8 @@ mod tests {
         let c = Config::parse(&uncommented).unwrap();
         assert_eq!(c.store.as_deref(), Some(Path::new(DEFAULT_STORE)));
         assert_eq!(c.retention.and_then(|r| r.keep_daily), Some(7));
+        assert_eq!(c.s3.path_style, Some(true), "every [s3] key is documented");
+        assert!(c.s3.endpoint.is_some() && c.s3.credentials_file.is_some());
         assert!(Config::parse("nope = 1").is_err());
     }
 

@@ -121,6 +121,11 @@ pub enum Error {
     /// (packs of a backup that failed to write, a collection that raced a writer).
     #[error("repository: {0}")]
     Repo(String),
+    /// A request to the object store holding the repository failed (after its retries), or
+    /// the store cannot be reached as configured; the text names the repository, the
+    /// request and the reason.
+    #[error("object store {0}")]
+    ObjectStore(String),
     /// A checkpoint's image read after the checkpoint was demoted or its backup committed.
     #[error("checkpoint {0:?} is closed: its copy-on-write data is gone")]
     CheckpointClosed(String),
@@ -240,6 +245,7 @@ impl Error {
             Error::Mount(_)
             | Error::Internal(_)
             | Error::Repo(_)
+            | Error::ObjectStore(_)
             | Error::NeedsUpgrade(_)
             | Error::CheckFailed(_) => libc::EIO,
             Error::Fs { kind, .. } => match kind {

@@ -44,12 +44,21 @@ pub struct Kind {
     pub minor: u16,
 }
 
-/// Major 2: the store's backup data may be a format 2 repository, which releases that
-/// understand only major 1 must not open.
+/// What a store's metadata is read as. Major 2: the store's backup data may be a format 2
+/// repository, which releases that understand only major 1 must not open. Major 3: the
+/// repository is elsewhere (`repository`, an `s3://` location), and a release that knows only
+/// major 2 would look for it under `STORE/repo`; only such stores are written at 3.0 (see
+/// `STORE_META_LOCAL`).
 pub const STORE_META: Kind = Kind {
     magic: b"VMREFSTO",
-    major: 2,
+    major: 3,
     minor: 0,
+};
+/// How the metadata of a store whose repository is `STORE/repo` is written: 2.0, as before
+/// remote repositories existed, so that every format 2 release still opens it.
+pub const STORE_META_LOCAL: Kind = Kind {
+    major: 2,
+    ..STORE_META
 };
 pub const DISK_RECORD: Kind = Kind {
     magic: b"VMREFDSK",

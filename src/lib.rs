@@ -21,6 +21,7 @@ pub mod live;
 pub mod names;
 pub mod replicate;
 pub mod repo;
+pub mod s3;
 pub mod store;
 #[allow(unsafe_code)]
 pub mod sys;

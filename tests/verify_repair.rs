@@ -34,14 +34,29 @@ fn repair_from_the_live_disk_where_tracking_vouches_for_it() {
     flip(&p20, b20.offset + b20.stored_len as u64 / 2);
     // Plain verify names both and repairs nothing.
     let out = e.verify_fails(&[]);
-    assert!(out.contains("block 10") && out.contains("block 20"), "{out}");
+    assert!(
+        out.contains("block 10") && out.contains("block 20"),
+        "{out}"
+    );
     // Repair: block 20 is unchanged since p1 (and p2) on the live disk, block 10 is not.
     let o = e.run(&["verify", "--repair"]);
-    assert!(!o.status.success(), "block 10 cannot be repaired from the live disk");
+    assert!(
+        !o.status.success(),
+        "block 10 cannot be repaired from the live disk"
+    );
     let out = String::from_utf8(o.stdout).unwrap();
-    assert!(out.contains("repaired: point p1 disk disk0 block 20"), "{out}");
-    assert!(out.contains("damaged: point p1 disk disk0 block 10"), "{out}");
-    assert!(!out.contains("damaged: point p1 disk disk0 block 20"), "{out}");
+    assert!(
+        out.contains("repaired: point p1 disk disk0 block 20"),
+        "{out}"
+    );
+    assert!(
+        out.contains("damaged: point p1 disk disk0 block 10"),
+        "{out}"
+    );
+    assert!(
+        !out.contains("damaged: point p1 disk disk0 block 20"),
+        "{out}"
+    );
     assert_same("p2", &e.restore("p2"), &m2);
     // The next backup of block 10's old bytes (written back) stores them again.
     e.write(&[(10 * BS as u64, m1[10 * BS..11 * BS].to_vec())]);

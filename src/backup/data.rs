@@ -13,7 +13,7 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 use crate::format::FormatError;
 use crate::repo::Hash;
-use crate::repo::backend::LocalBackend;
+use crate::repo::backend::{Backend, LocalBackend, is_missing};
 use crate::repo::map::{MapReader, MapRoot, NodeCache};
 use crate::repo::repository::{RepoOptions, Repository};
 
@@ -55,9 +55,12 @@ impl Data {
     /// # Errors
     /// As `open`.
     pub fn open_repo(store: &Store, for_upgrade: bool) -> Result<Data> {
-        let dir = store.repo_dir();
-        let fresh = !dir.join(crate::repo::repository::CONFIG_NAME).exists();
-        let backend = Arc::new(LocalBackend::new(&dir)?);
+        let backend = backend(store.root(), store.repository())?;
+        let fresh = match backend.size(crate::repo::repository::CONFIG_NAME) {
+            Ok(_) => false,
+            Err(e) if is_missing(&e) => true,
+            Err(e) => return Err(e),
+        };
         let repo = if fresh {
             if !for_upgrade
                 && store
@@ -66,7 +69,7 @@ impl Data {
                     .any(|r| r.state == RefState::Restorable)
             {
                 return Err(Error::Format {
-                    path: dir,
+                    path: backend.describe().into(),
                     source: FormatError::Invalid {
                         what: "repository",
                         why: "missing, but restorable points need it".into(),
@@ -131,6 +134,18 @@ fn load_damaged(store: &Store, repo: &Repository) {
     if let Ok(text) = std::fs::read_to_string(damaged_path(store)) {
         repo.mark_damaged(text.lines().filter_map(Hash::parse));
     }
+}
+
+/// The backend of a store's repository: `repository` (an `s3://` location) when set, else
+/// `ROOT/repo` (created if missing).
+///
+/// # Errors
+/// A bad location or S3 settings; failure to create the directory.
+pub fn backend(root: &std::path::Path, repository: Option<&str>) -> Result<Arc<dyn Backend>> {
+    Ok(match repository {
+        Some(loc) => Arc::new(crate::s3::S3Backend::open(loc)?),
+        None => Arc::new(LocalBackend::new(&root.join(crate::store::REPO_DIR))?),
+    })
 }
 
 /// The map of `disk` in restorable point `rec`.

@@ -50,6 +50,7 @@ pub fn run(cli: Cli, progress: &dyn Progress) -> Result<()> {
 
 fn run_to(cli: Cli, out: &mut impl Write, progress: &dyn Progress) -> Result<()> {
     let config = Config::load(cli.config.as_deref())?;
+    crate::s3::configure(&config.s3);
     let root = config.store_path(cli.store.as_deref());
     let mut cx = Ctx {
         config,
@@ -62,7 +63,8 @@ fn run_to(cli: Cli, out: &mut impl Write, progress: &dyn Progress) -> Result<()>
         Command::Init {
             block_size,
             compression,
-        } => store::init(cx, block_size, compression),
+            repository,
+        } => store::init(cx, block_size, compression, repository),
         Command::Upgrade { json } => store::upgrade(cx, json),
         Command::Completions { shell } => {
             use clap::CommandFactory;

@@ -4,12 +4,11 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use super::{Ctx, human};
-use std::sync::Arc;
 
+use crate::backup::data::backend;
 use crate::backup::outcome::{LastBackup, Outcome};
 use crate::control;
 use crate::error::{Error, Result};
-use crate::repo::backend::LocalBackend;
 use crate::repo::compress::{Compression, DEFAULT_COMPRESSION};
 use crate::repo::repository::{RepoOptions, Repository};
 use crate::store::lock::StoreLock;
@@ -20,6 +19,7 @@ pub(super) fn init(
     cx: &mut Ctx<'_, impl Write>,
     block_size: Option<String>,
     compression: Option<String>,
+    repository: Option<String>,
 ) -> Result<()> {
     let bs = match block_size.or(cx.config.block_size.clone()) {
         Some(s) => store::parse_block_size(&s)?,
@@ -32,15 +32,18 @@ pub(super) fn init(
         },
         ..RepoOptions::default()
     };
-    let s = Store::init_with(&cx.root, bs, |root| {
-        let dir = root.join(store::REPO_DIR);
-        Repository::init(Arc::new(LocalBackend::new(&dir)?), opts).map(|_| ())
+    if let Some(r) = &repository {
+        crate::s3::parse_location(r)?;
+    }
+    let s = Store::init_at(&cx.root, bs, repository.clone(), |root| {
+        Repository::init(backend(root, repository.as_deref())?, opts).map(|_| ())
     })?;
     cx.emit(format!(
-        "initialized store {} (block size {}, compression {})",
+        "initialized store {} (block size {}, compression {}, repository {})",
         s.root().display(),
         human(bs as u64),
-        opts.compression
+        opts.compression,
+        repository.unwrap_or_else(|| s.repo_dir().display().to_string())
     ))
 }
 

@@ -77,7 +77,10 @@ impl Engine {
         let owed = recover(&mut store)?;
         let backup = EngineState::new(&store)?;
         // With the lock held no writer of ours is running: a temp object is a crash's leftover.
-        crate::repo::backend::LocalBackend::new(&store.repo_dir())?.sweep_temp();
+        // An object store has no temp objects (an upload is whole or absent).
+        if store.repository().is_none() {
+            crate::repo::backend::LocalBackend::new(&store.repo_dir())?.sweep_temp();
+        }
         if owed && let Err(e) = backup::gc::collect(&store, &backup.data) {
             log::warn!("reclaiming the space of an interrupted prune: {e}");
         }

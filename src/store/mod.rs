@@ -9,7 +9,8 @@
 //! STORE/track/NAME.log     durable dirty-region log (binary, see `track::log`)
 //! STORE/track/NAME.dig     block digests of clean regions (binary, see `track::digest`)
 //! STORE/refs/NAME.ref      reference points (envelope)
-//! STORE/data/              backup data (see `backup`)
+//! STORE/data/              host-local backup state (see `backup`)
+//! STORE/repo/              the repository, unless the meta names one elsewhere
 //! ```
 //! Directories are 0700 and files 0600; every file is replaced atomically.
 
@@ -44,6 +45,21 @@ pub struct StoreMeta {
     /// `repo/`. Stores written before the field existed are format 1.
     #[serde(default = "format_v1")]
     pub format: u32,
+    /// Where the repository is when not under `STORE/repo`: an `s3://BUCKET/PREFIX` location.
+    /// Absent for a local repository, so such a store's meta is what it always was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repository: Option<String>,
+}
+
+impl StoreMeta {
+    /// The envelope this meta is written in: 3.0 only when older releases must refuse it.
+    fn kind(&self) -> format::Kind {
+        if self.repository.is_some() {
+            format::STORE_META
+        } else {
+            format::STORE_META_LOCAL
+        }
+    }
 }
 
 fn format_v1() -> u32 {
@@ -133,6 +149,20 @@ impl Store {
         block_size: u32,
         populate: impl FnOnce(&Path) -> Result<()>,
     ) -> Result<Store> {
+        Store::init_at(root, block_size, None, populate)
+    }
+
+    /// `init_with` for a store whose repository is at `repository` (an `s3://` location)
+    /// rather than under `STORE/repo` (None).
+    ///
+    /// # Errors
+    /// As `init_with`.
+    pub fn init_at(
+        root: &Path,
+        block_size: u32,
+        repository: Option<String>,
+        populate: impl FnOnce(&Path) -> Result<()>,
+    ) -> Result<Store> {
         if root.join(META_FILE).exists() {
             return Err(Error::StoreExists(root.to_path_buf()));
         }
@@ -142,22 +172,31 @@ impl Store {
                 return Err(Error::InitNotEmpty(root.to_path_buf()));
             }
         }
+        let made_root = !root.exists();
         mkdir_private(root)?;
         for d in ["disks", "track", "refs", "data"] {
             mkdir_private(&root.join(d))?;
         }
-        populate(root)?;
+        if let Err(e) = populate(root) {
+            // Leave the directory as it was, so that `init` can simply be run again (an
+            // unreachable object store is the likely cause). Only empty directories go.
+            for d in ["disks", "track", "refs", "data", REPO_DIR] {
+                let _ = fs::remove_dir(root.join(d));
+            }
+            if made_root {
+                let _ = fs::remove_dir(root);
+            }
+            return Err(e);
+        }
         let meta = StoreMeta {
             id: random_id()?,
             block_size,
             created_unix: now_unix(),
             format: STORE_FORMAT,
+            repository,
         };
         // The meta file is written last: a store exists only once it is in place.
-        atomic::write_atomic(
-            &root.join(META_FILE),
-            &format::encode(format::STORE_META, &meta),
-        )?;
+        atomic::write_atomic(&root.join(META_FILE), &format::encode(meta.kind(), &meta))?;
         Ok(Store {
             root: root.to_path_buf(),
             meta,
@@ -248,9 +287,13 @@ impl Store {
     pub fn data_dir(&self) -> PathBuf {
         self.root.join("data")
     }
-    /// The store's repository (format 2): every stored block and point map.
+    /// The store's repository (format 2) when it is local: every stored block and point map.
     pub fn repo_dir(&self) -> PathBuf {
         self.root.join(REPO_DIR)
+    }
+    /// The repository's location when it is not `repo_dir` (an `s3://` location).
+    pub fn repository(&self) -> Option<&str> {
+        self.meta.repository.as_deref()
     }
     pub fn format(&self) -> u32 {
         self.meta.format
@@ -267,7 +310,7 @@ impl Store {
         };
         atomic::write_atomic(
             &self.root.join(META_FILE),
-            &format::encode(format::STORE_META, &meta),
+            &format::encode(meta.kind(), &meta),
         )?;
         self.meta = meta;
         Ok(())
@@ -307,6 +350,27 @@ mod tests {
             Store::init(&root, 65536),
             Err(Error::StoreExists(_))
         ));
+    }
+
+    #[test]
+    fn meta_major_is_3_only_with_a_remote_repository() {
+        let d = tempfile::tempdir().unwrap();
+        let major = |root: &Path| format::le_u16(&fs::read(root.join(META_FILE)).unwrap(), 8);
+        let local = d.path().join("l");
+        Store::init(&local, 65536).unwrap();
+        assert_eq!(major(&local), 2, "older releases keep reading local stores");
+        assert_eq!(Store::open(&local).unwrap().repository(), None);
+        let remote = d.path().join("r");
+        Store::init_at(&remote, 65536, Some("s3://b-1/p".into()), |_| Ok(())).unwrap();
+        assert_eq!(major(&remote), 3, "older releases refuse remote ones");
+        let mut s = Store::open(&remote).unwrap();
+        assert_eq!(s.repository(), Some("s3://b-1/p"));
+        s.set_format(STORE_FORMAT).unwrap();
+        assert_eq!(major(&remote), 3);
+        assert_eq!(
+            Store::open(&remote).unwrap().repository(),
+            Some("s3://b-1/p")
+        );
     }
 
     #[test]

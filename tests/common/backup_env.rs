@@ -39,12 +39,32 @@ pub struct Env {
     pub image: PathBuf,
     /// What the live disk holds now.
     pub model: Vec<u8>,
+    /// Environment of every `vmref` this runs (an object store's endpoint and key).
+    pub envs: Vec<(String, String)>,
+    /// The `[s3]` settings the in-process engine of `write` reaches the repository with.
+    pub s3: Option<vmref::config::S3Config>,
 }
+
+/// The S3 settings are per process (`vmref::s3::configure`): in-process engines of tests
+/// with different servers take turns.
+static S3_CONFIG: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 impl Env {
     /// A store with block size 4K and one disk `disk0` of `size` bytes, with `data` written at
     /// offset 0 before it is registered (that is not an outside write: tracking starts after).
     pub fn new(size: usize, data: &[u8]) -> Env {
+        Env::with_init(size, data, &[], Vec::new(), None)
+    }
+
+    /// `new` with more `init` arguments (a `--block-size` among them replaces 4K), an
+    /// environment for every command and the S3 settings for in-process engines.
+    pub fn with_init(
+        size: usize,
+        data: &[u8],
+        init: &[&str],
+        envs: Vec<(String, String)>,
+        s3: Option<vmref::config::S3Config>,
+    ) -> Env {
         let dir = tempfile::tempdir().unwrap();
         let store = dir.path().join("store");
         let image = dir.path().join("disk0.img");
@@ -59,8 +79,15 @@ impl Env {
             store,
             image,
             model,
+            envs,
+            s3,
         };
-        e.ok(&["init", "--block-size", "4K"]);
+        let bs: &[&str] = if init.contains(&"--block-size") {
+            &[]
+        } else {
+            &["--block-size", "4K"]
+        };
+        e.ok(&[&["init"], bs, init].concat());
         e.ok(&["disk", "add", "disk0", e.image.to_str().unwrap()]);
         e
     }
@@ -69,6 +96,7 @@ impl Env {
         let mut c = Command::new(env!("CARGO_BIN_EXE_vmref"));
         c.arg("--store").arg(&self.store).args(args);
         c.env_remove("VMREF_STORE");
+        c.envs(self.envs.iter().map(|(k, v)| (k, v)));
         c
     }
 
@@ -97,6 +125,11 @@ impl Env {
 
     /// Write through the library, as the mount would, and update the model.
     pub fn write(&mut self, writes: &[(u64, Vec<u8>)]) {
+        let _turn = self.s3.as_ref().map(|c| {
+            let g = S3_CONFIG.lock().unwrap_or_else(|e| e.into_inner());
+            vmref::s3::configure(c);
+            g
+        });
         let engine = Engine::open(Store::open(&self.store).unwrap()).unwrap();
         let d = engine.disk("disk0").unwrap();
         for (off, data) in writes {

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use parking_lot::RwLock;
 
 mod backup_env;
+pub mod garage;
 mod repo_env;
 #[allow(unused_imports)]
 pub use backup_env::*;

@@ -1,0 +1,376 @@
+//! A store whose repository is in an S3 bucket, against a real Garage server
+//! (`common::garage`): the backend's contract, a chain of backups restored and verified, a
+//! prune, the mount, a server killed under a backup, settings from the config file. Tests
+//! that need Garage skip without it (and fail when `VMREF_REQUIRE_S3=1`).
+
+mod common;
+
+use std::os::unix::fs::FileExt;
+use std::process::Command;
+
+use common::garage::{BUCKET, Garage, SECRET_KEY};
+use common::{BS, Env, MountGuard, Rng, assert_same, daemon_pid, fuse_ok, test_seed};
+use vmref::repo::backend::{Backend, is_missing};
+
+const SIZE: usize = 8 << 20;
+
+/// A store on `s3://BUCKET/prefix` with 64 KiB blocks: every block a point read fetches is
+/// one ranged GET, which Garage answers about 40 ms late on loopback (it does not set
+/// TCP_NODELAY, so its body waits for the delayed ACK of its headers); 4 KiB blocks made the
+/// chain test take 5 minutes.
+fn s3_env(g: &Garage, prefix: &str, rng: &mut Rng, extra: &[&str]) -> Env {
+    let mut data = vec![0u8; 2 << 20];
+    rng.fill(&mut data);
+    let loc = format!("s3://{BUCKET}/{prefix}");
+    let init = [
+        &["--repository", loc.as_str(), "--block-size", "64K"],
+        extra,
+    ]
+    .concat();
+    Env::with_init(SIZE, &data, &init, g.env(), Some(g.s3_config()))
+}
+
+/// Insist on one line on stderr, naming the object store and never the secret.
+fn one_clear_line(err: &str) {
+    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+    assert!(err.contains("object store"), "{err}");
+    assert!(!err.contains(SECRET_KEY), "the secret leaked: {err}");
+}
+
+#[test]
+fn s3_backend_keeps_the_backend_contract() {
+    let Some(g) = Garage::start("s3_backend_keeps_the_backend_contract") else {
+        return;
+    };
+    let b = g.backend("contract");
+    assert!(b.put_if_absent("packs/ab/abcd", b"hello world").unwrap());
+    assert!(!b.put_if_absent("packs/ab/abcd", b"other").unwrap());
+    assert_eq!(b.get("packs/ab/abcd").unwrap(), b"hello world");
+    assert_eq!(b.get_range("packs/ab/abcd", 6, 5).unwrap(), b"world");
+    assert_eq!(b.get_range("packs/ab/abcd", 11, 0).unwrap(), b"");
+    for (off, len) in [(6, 6), (11, 1), (20, 1), (12, 0)] {
+        let e = b.get_range("packs/ab/abcd", off, len).unwrap_err();
+        assert!(matches!(e, vmref::Error::Format { .. }), "{e}");
+        assert!(!is_missing(&e), "{off}+{len}: {e}");
+    }
+    assert_eq!(b.size("packs/ab/abcd").unwrap(), 11);
+    assert!(b.put_if_absent("packs/cd/ef", b"").unwrap());
+    assert!(b.put_if_absent("index/1", b"i").unwrap());
+    assert!(b.put_if_absent("config", b"c").unwrap());
+    // A large object goes through the spool file.
+    let big: Vec<u8> = (0..3 << 20).map(|i| (i * 7 % 251) as u8).collect();
+    assert!(
+        b.put_stream("packs/ff/big", &mut |w| {
+            for c in big.chunks(100_000) {
+                w.write_all(c).unwrap();
+            }
+            Ok(())
+        })
+        .unwrap()
+    );
+    assert!(!b.put_stream("packs/ff/big", &mut |_| Ok(())).unwrap());
+    assert_eq!(b.get("packs/ff/big").unwrap(), big);
+    assert_eq!(
+        b.list("packs/").unwrap(),
+        vec!["packs/ab/abcd", "packs/cd/ef", "packs/ff/big"]
+    );
+    assert_eq!(b.list("packs/ab").unwrap(), vec!["packs/ab/abcd"]);
+    assert_eq!(b.list("index/").unwrap(), vec!["index/1"]);
+    assert_eq!(b.list("nothing/").unwrap(), Vec::<String>::new());
+    assert_eq!(b.list("").unwrap().len(), 5);
+    // Another prefix of the bucket is another repository.
+    assert_eq!(g.backend("other").list("").unwrap(), Vec::<String>::new());
+    b.delete("packs/ab/abcd").unwrap();
+    b.delete("packs/ab/abcd").unwrap();
+    for e in [
+        b.get("packs/ab/abcd").unwrap_err(),
+        b.get_range("packs/ab/abcd", 0, 1).unwrap_err(),
+        b.size("packs/ab/abcd").unwrap_err(),
+    ] {
+        assert!(is_missing(&e), "{e}");
+    }
+    for bad in ["", "/abs", "a/../b", "a//b", ".hidden", "a/.tmp", "a b"] {
+        assert!(b.put_if_absent(bad, b"x").is_err(), "{bad:?}");
+    }
+    // A wrong secret is refused by the server, in one line that does not show it.
+    let mut s = g.settings();
+    s.secret_access_key = "f".repeat(64);
+    let wrong = vmref::s3::S3Backend::new(&format!("s3://{BUCKET}/contract"), s).unwrap();
+    let e = wrong.get("index/1").unwrap_err().to_string();
+    assert!(
+        e.contains("HTTP 403") && !e.contains(&"f".repeat(64)),
+        "{e}"
+    );
+    assert!(!e.contains('\n'), "{e}");
+}
+
+#[test]
+fn s3_chain_of_backups_restores_verifies_and_prunes() {
+    let Some(g) = Garage::start("s3_chain_of_backups_restores_verifies_and_prunes") else {
+        return;
+    };
+    let mut rng = Rng(test_seed("s3_chain") | 1);
+    let mut e = s3_env(&g, "chain", &mut rng, &[]);
+    assert!(
+        !e.store.join("repo").exists(),
+        "no local repository beside an S3 one"
+    );
+    let mut points = Vec::new();
+    e.ok(&["backup", "p00"]);
+    points.push(("p00".to_string(), e.model.clone()));
+    for i in 1..=11 {
+        e.random_writes(&mut rng, 20);
+        let name = format!("p{i:02}");
+        e.ok(&["backup", &name]);
+        points.push((name, e.model.clone()));
+    }
+    assert_eq!(e.restorable().len(), 12);
+    for (p, model) in &points {
+        assert_same(p, &e.restore(p), model);
+    }
+    e.ok(&["verify"]);
+    let space = e.space();
+    assert!(
+        space.stored_bytes > 0 && space.logical_bytes > 0,
+        "{space:?}"
+    );
+    let objects = g.backend("chain").list("").unwrap();
+    assert!(
+        objects.iter().any(|o| o.starts_with("packs/")),
+        "{objects:?}"
+    );
+    assert!(objects.iter().any(|o| o == "config"), "{objects:?}");
+
+    e.ok(&["prune", "--keep-last", "3"]);
+    let kept: Vec<String> = points[9..].iter().map(|(p, _)| p.clone()).collect();
+    assert_eq!(e.restorable(), kept);
+    e.ok(&["verify"]);
+    for (p, model) in &points[9..] {
+        assert_same(p, &e.restore(p), model);
+    }
+    // The collection deleted what the pruned points alone needed.
+    let after = g.backend("chain").list("").unwrap();
+    assert!(e.space().stored_bytes <= space.stored_bytes, "{after:?}");
+}
+
+#[test]
+fn s3_points_read_through_the_mount() {
+    let test = "s3_points_read_through_the_mount";
+    if !fuse_ok(test) {
+        return;
+    }
+    let Some(g) = Garage::start(test) else {
+        return;
+    };
+    let mut rng = Rng(test_seed(test) | 1);
+    let mut e = s3_env(&g, "mount", &mut rng, &[]);
+    e.ok(&["backup", "m0"]);
+    let m0 = e.model.clone();
+    e.random_writes(&mut rng, 30);
+    e.ok(&["backup", "m1"]);
+    let mnt = e.path("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    e.ok(&["mount", mnt.to_str().unwrap()]);
+    let _guard = MountGuard {
+        mnt: mnt.clone(),
+        pid: daemon_pid(&e.store),
+        child: None,
+    };
+    let scratch = e.dir.path().to_path_buf();
+    let cmp = |point: &str, model: &[u8]| {
+        let want = scratch.join(format!("model-{point}.img"));
+        std::fs::write(&want, model).unwrap();
+        let got = mnt.join(point).join("disk0.img");
+        let st = Command::new("cmp").arg(&got).arg(&want).status().unwrap();
+        assert!(st.success(), "cmp {} against the model", got.display());
+    };
+    cmp("m0", &m0);
+    cmp("m1", &e.model);
+    // A backup through the daemon, of a write through the live file.
+    let live = std::fs::OpenOptions::new()
+        .write(true)
+        .open(mnt.join("live/disk0.img"))
+        .unwrap();
+    let mut data = vec![0u8; 5 * BS + 123];
+    rng.fill(&mut data);
+    let off = 3 * BS as u64 + 17;
+    live.write_all_at(&data, off).unwrap();
+    live.sync_all().unwrap();
+    drop(live);
+    e.model[off as usize..off as usize + data.len()].copy_from_slice(&data);
+    e.ok(&["backup", "m2"]);
+    cmp("m2", &e.model);
+    e.ok(&["verify"]);
+    e.ok(&["umount", mnt.to_str().unwrap()]);
+}
+
+/// The bytes the server keeps on disk: grows as uploads land.
+fn dir_bytes(p: &std::path::Path) -> u64 {
+    let mut n = 0;
+    if let Ok(rd) = std::fs::read_dir(p) {
+        for e in rd.flatten() {
+            let m = e.metadata().unwrap();
+            n += if m.is_dir() {
+                dir_bytes(&e.path())
+            } else {
+                m.len()
+            };
+        }
+    }
+    n
+}
+
+#[test]
+fn s3_server_killed_under_a_backup() {
+    let test = "s3_server_killed_under_a_backup";
+    let Some(mut g) = Garage::start(test) else {
+        return;
+    };
+    let mut rng = Rng(test_seed(test) | 1);
+    let mut e = s3_env(&g, "kill", &mut rng, &["--compression", "none"]);
+    e.ok(&["backup", "k0"]);
+
+    // The server is gone before the backup starts.
+    e.random_writes(&mut rng, 20);
+    g.kill();
+    let err = e.fails(&["backup", "k1"]);
+    one_clear_line(&err);
+    assert_eq!(e.restorable(), vec!["k0"], "no point committed");
+    g.restart();
+    e.ok(&["backup", "k1"]);
+    e.ok(&["verify"]);
+    assert_same("k1", &e.restore("k1"), &e.model);
+
+    // The server dies while a backup uploads: once a MiB of its 8 MiB pack has landed.
+    let mut big = vec![0u8; SIZE - BS];
+    rng.fill(&mut big);
+    e.write(&[(0, big)]);
+    let data_dir = g.data_dir();
+    let before = dir_bytes(&data_dir);
+    let mut child = e
+        .cmd(&["backup", "k2"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    let mut killed = false;
+    while child.try_wait().unwrap().is_none() {
+        if dir_bytes(&data_dir) > before + (1 << 20) || start.elapsed().as_secs() > 30 {
+            g.kill();
+            killed = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    if out.status.success() {
+        // The backup won the race (its last upload landed first): it must be whole.
+        eprintln!("{test}: the backup finished before the server died (killed: {killed})");
+        assert!(e.restorable().contains(&"k2".to_string()));
+    } else {
+        eprintln!("{test}: the backup failed as the server died: {err}");
+        one_clear_line(&err);
+        assert_eq!(e.restorable(), vec!["k0", "k1"], "no point committed");
+    }
+    g.restart();
+    e.ok(&["backup", "k3"]);
+    e.ok(&["verify"]);
+    assert_same("k3", &e.restore("k3"), &e.model);
+}
+
+#[test]
+fn s3_settings_from_the_config_file() {
+    let test = "s3_settings_from_the_config_file";
+    let Some(g) = Garage::start(test) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (store, image) = (dir.path().join("store"), dir.path().join("d.img"));
+    let mut data = vec![0u8; 1 << 20];
+    Rng(test_seed(test) | 1).fill(&mut data);
+    std::fs::write(&image, &data).unwrap();
+    let cfg = g.config_file();
+    let vmref = |args: &[&str]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_vmref"));
+        c.arg("--store").arg(&store).arg("--config").arg(&cfg);
+        for v in [
+            "AWS_ENDPOINT_URL",
+            "AWS_REGION",
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+        ] {
+            c.env_remove(v);
+        }
+        let o = c.args(args).output().unwrap();
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    let loc = format!("s3://{BUCKET}/config-file");
+    vmref(&["init", "--repository", &loc]);
+    vmref(&["disk", "add", "disk0", image.to_str().unwrap()]);
+    vmref(&["backup", "c0"]);
+    vmref(&["verify"]);
+    let to = dir.path().join("r.img");
+    vmref(&[
+        "restore",
+        "c0",
+        "--disk",
+        "disk0",
+        "--to",
+        to.to_str().unwrap(),
+    ]);
+    assert_same("c0", &std::fs::read(&to).unwrap(), &data);
+    assert!(g.backend("config-file").size("config").is_ok());
+}
+
+/// Refusals that need no server: each is one line, and leaves the directory free for the
+/// next `init`.
+#[test]
+fn s3_init_refuses_bad_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let init = |loc: &str, envs: &[(&str, &str)]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_vmref"));
+        c.arg("--store")
+            .arg(&store)
+            .args(["init", "--repository", loc]);
+        for v in [
+            "AWS_ENDPOINT_URL",
+            "AWS_REGION",
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_SESSION_TOKEN",
+        ] {
+            c.env_remove(v);
+        }
+        let o = c.envs(envs.iter().copied()).output().unwrap();
+        assert!(!o.status.success(), "{loc} {envs:?}");
+        let err = String::from_utf8(o.stderr).unwrap();
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        assert!(!store.exists(), "{loc}: init left {}", store.display());
+        err
+    };
+    let creds = [("AWS_ACCESS_KEY_ID", "k"), ("AWS_SECRET_ACCESS_KEY", "s")];
+    assert!(init("s3://No_Such", &creds).contains("bucket name"));
+    assert!(init("file:///x", &creds).contains("s3://BUCKET"));
+    assert!(init("s3://bucket/../x", &creds).contains("repository"));
+    assert!(init("s3://bucket/p", &[]).contains("no credentials"));
+    let http = [
+        creds[0],
+        creds[1],
+        ("AWS_ENDPOINT_URL", "http://192.0.2.1:3900"),
+    ];
+    assert!(init("s3://bucket/p", &http).contains("plain http"));
+    // Nothing listens on port 1: retried, then one line.
+    let down = [
+        creds[0],
+        creds[1],
+        ("AWS_ENDPOINT_URL", "http://127.0.0.1:1"),
+    ];
+    let err = init("s3://bucket/p", &down);
+    assert!(err.contains("attempts") && !err.contains("\"s\""), "{err}");
+}
