@@ -199,6 +199,9 @@ fn bad_input_is_refused_and_changes_nothing() {
     let listing = e.ok(&["ref", "list"]);
     let files = e.repo_objects();
     assert!(!files.is_empty());
+    // A path of this test's own: a fixed /tmp name could be anything on a shared machine.
+    let to = e.path("x.img");
+    let to = to.to_str().unwrap();
     for (args, msg) in [
         (vec!["backup", "a"], "already exists"),
         (vec!["backup", "x", "--since", "p"], "not restorable"),
@@ -206,11 +209,11 @@ fn bad_input_is_refused_and_changes_nothing() {
         (vec!["backup", "bad/name"], "invalid name"),
         (vec!["prune", "--keep-last", "0"], "at least 1"),
         (
-            vec!["restore", "p", "--disk", "disk0", "--to", "/tmp/x"],
+            vec!["restore", "p", "--disk", "disk0", "--to", to],
             "not restorable",
         ),
         (
-            vec!["restore", "a", "--disk", "nope", "--to", "/tmp/x"],
+            vec!["restore", "a", "--disk", "nope", "--to", to],
             "no disk",
         ),
         (vec!["verify", "p"], "not restorable"),
