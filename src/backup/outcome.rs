@@ -185,8 +185,11 @@ pub fn backup_recorded(
         duration_secs: 0.0,
         runner: Some(runner_id().to_string()),
     };
+    // Not a warning: the command's one stderr line must stay its own error. If the backup
+    // fails, that line says why (a full store fails this write for the same reason); if it
+    // succeeds, writing its outcome below replaces this record or warns.
     if let Err(e) = write(owner.store(), &running) {
-        log::warn!("the backup's start was not recorded: {e}");
+        log::info!("the backup's start was not recorded: {e}");
     }
     let r = super::run::backup(owner, name, point_owner, full, since, progress);
     let rec = record(name, point_owner, started, clock.elapsed(), r.as_ref());
@@ -198,7 +201,10 @@ pub fn backup_recorded(
             Ok(rep)
         }
         (Err(e), Err(w)) => {
-            log::warn!("the failed backup's outcome was not recorded: {w}");
+            // Logged below the default level: the failure `e` is printed as the command's one
+            // line, and a monitor sees the record left stale by its age (`status --check
+            // --max-age`).
+            log::info!("the failed backup's outcome was not recorded: {w}");
             Err(e)
         }
         (r, Ok(())) => r,
@@ -226,7 +232,8 @@ pub fn record_if_unrecorded(
     let took = started.elapsed().unwrap_or_default();
     let rec = record(name, owner, started, took, Err(err));
     if let Err(w) = write(store, &rec) {
-        log::warn!("the failed backup's outcome was not recorded: {w}");
+        // Below the default level, as in `backup_recorded`: `err` is the command's one line.
+        log::info!("the failed backup's outcome was not recorded: {w}");
     }
 }
 
