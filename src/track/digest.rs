@@ -23,7 +23,7 @@ use std::path::Path;
 use super::durable::DurableFile;
 use super::seqmap::REGION_BLOCKS;
 use crate::error::{Error, Result};
-use crate::format::{FormatError, check_magic, crc, le_u32, le_u64};
+use crate::format::{FormatError, check_header, crc, le_u32, le_u64};
 use crate::store::atomic;
 
 /// Do not modify.
@@ -68,21 +68,7 @@ pub fn encode_header(epoch: u64, nregions: u64) -> [u8; PAGE] {
 
 /// The epoch and the number of regions.
 pub fn decode_header(b: &[u8]) -> Result<(u64, u64), FormatError> {
-    if b.len() < PAGE {
-        return Err(FormatError::Truncated {
-            got: b.len(),
-            need: PAGE,
-        });
-    }
-    check_magic(b, MAGIC, MAJOR)?;
-    let (stored, computed) = (le_u32(b, PAGE - 4), crc(&b[..PAGE - 4]));
-    if stored != computed {
-        return Err(FormatError::BadChecksum {
-            what: "digest header",
-            stored,
-            computed,
-        });
-    }
+    check_header(b, PAGE, MAGIC, MAJOR, PAGE - 4, "digest header")?;
     let rb = le_u32(b, 32) as u64;
     if rb != REGION_BLOCKS {
         return Err(FormatError::Invalid {

@@ -13,7 +13,7 @@ use std::path::Path;
 
 use super::durable::DurableFile;
 use crate::error::{Error, Result};
-use crate::format::{FormatError, check_magic, crc, le_u32, le_u64};
+use crate::format::{FormatError, check_header, crc, le_u64};
 use crate::store::atomic;
 
 /// Do not modify.
@@ -36,21 +36,7 @@ pub fn encode_header(nregions: u64) -> [u8; PAGE] {
 
 /// The number of regions the log covers.
 pub fn decode_header(b: &[u8]) -> Result<u64, FormatError> {
-    if b.len() < PAGE {
-        return Err(FormatError::Truncated {
-            got: b.len(),
-            need: PAGE,
-        });
-    }
-    check_magic(b, MAGIC, MAJOR)?;
-    let (stored, computed) = (le_u32(b, PAGE - 4), crc(&b[..PAGE - 4]));
-    if stored != computed {
-        return Err(FormatError::BadChecksum {
-            what: "log header",
-            stored,
-            computed,
-        });
-    }
+    check_header(b, PAGE, MAGIC, MAJOR, PAGE - 4, "log header")?;
     Ok(le_u64(b, 16))
 }
 

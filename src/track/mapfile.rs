@@ -25,7 +25,7 @@ use std::path::Path;
 use super::durable::DurableFile;
 use super::seqmap::{REGION_BLOCKS, SeqMap, regions_for};
 use crate::error::{Error, Result};
-use crate::format::{FormatError, check_magic, crc, le_u16, le_u32, le_u64};
+use crate::format::{FormatError, check_header, crc, le_u16, le_u32, le_u64};
 use crate::store::atomic;
 
 /// Do not modify.
@@ -127,21 +127,7 @@ impl MapHeader {
     }
 
     pub fn decode(b: &[u8]) -> Result<MapHeader, FormatError> {
-        if b.len() < PAGE {
-            return Err(FormatError::Truncated {
-                got: b.len(),
-                need: PAGE,
-            });
-        }
-        check_magic(b, MAGIC, MAJOR)?;
-        let (stored, computed) = (le_u32(b, PAGE - 4), crc(&b[..PAGE - 4]));
-        if stored != computed {
-            return Err(FormatError::BadChecksum {
-                what: "map header",
-                stored,
-                computed,
-            });
-        }
+        check_header(b, PAGE, MAGIC, MAJOR, PAGE - 4, "map header")?;
         let invalid = |what, why: String| FormatError::Invalid { what, why };
         let region_blocks = le_u32(b, 28) as u64;
         if region_blocks != REGION_BLOCKS {
