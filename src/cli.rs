@@ -125,16 +125,21 @@ pub enum Command {
         force: bool,
     },
     #[command(
-        after_help = "Examples:\n  vmref --store /srv/vm1 verify\n  vmref --store /srv/vm1 verify nightly-1 --json\n  vmref --store /srv/vm1 verify --repair"
+        after_help = "Examples:\n  vmref --store /srv/vm1 verify\n  vmref --store /srv/vm1 verify nightly-1 --json\n  vmref --store /srv/vm1 verify --repair\n  vmref --store /srv/vm1 verify --repair --from /backup/vm1-replica"
     )]
     /// Check every stored block of one restorable point, or of all, against its checksum
     Verify {
         #[arg(value_name = "REF")]
         point: Option<String>,
-        /// Store damaged blocks again from a live disk wherever tracking proves its bytes are
-        /// the point's (checked against the block's hash first), then check again
+        /// Store damaged blocks and map nodes again from good bytes: a live disk where tracking
+        /// proves them the point's, a replica image (`receive --apply`), a --from store; each
+        /// checked against its hash before anything is written. Then check again
         #[arg(long)]
         repair: bool,
+        /// With --repair: another store to take blocks, map nodes and replica images from
+        /// (the sending or receiving end of replication); repeatable
+        #[arg(long, value_name = "STORE", requires = "repair")]
+        from: Vec<PathBuf>,
         /// Print one JSON document on stdout
         #[arg(long)]
         json: bool,

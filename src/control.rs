@@ -90,9 +90,12 @@ pub enum Request {
     /// Check the stored blocks of one restorable point, or of all.
     Verify {
         point: Option<String>,
-        /// Store damaged blocks again from live disks (`backup::verify::repair`).
+        /// Store damaged blocks and map nodes again (`backup::heal::repair`).
         #[serde(default)]
         repair: bool,
+        /// Other stores to repair from (absolute paths).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        from: Vec<PathBuf>,
     },
     Status,
     Ping,
@@ -246,9 +249,17 @@ pub fn execute_with(
             *force,
             progress,
         )?),
-        Request::Verify { point, repair } => {
-            raw(&verify_on(engine, point.as_deref(), *repair, progress)?)
-        }
+        Request::Verify {
+            point,
+            repair,
+            from,
+        } => raw(&verify_on(
+            engine,
+            point.as_deref(),
+            *repair,
+            from,
+            progress,
+        )?),
         Request::Status => raw(&engine_status(engine)?),
         Request::Send(_) | Request::Receive(_) => {
             return Err(Error::Internal(
@@ -599,15 +610,21 @@ pub fn verify(
     store: &Store,
     point: Option<&str>,
     repair: bool,
+    from: &[PathBuf],
     progress: &dyn Progress,
 ) -> Result<VerifyReport> {
+    let from = from
+        .iter()
+        .map(|p| std::path::absolute(p).map_err(crate::Error::io("resolve", p)))
+        .collect::<Result<Vec<_>>>()?;
     let req = Request::Verify {
         point: point.map(str::to_string),
         repair,
+        from: from.clone(),
     };
     if repair {
         // Reads live disks and writes the repository: the store's owner does it.
-        return run_typed(store, &req, |e| verify_on(e, point, true, progress));
+        return run_typed(store, &req, |e| verify_on(e, point, true, &from, progress));
     }
     run_read_only(store, &req, || {
         let data = std::sync::Arc::new(backup::Data::open(store)?);
@@ -619,12 +636,15 @@ fn verify_on(
     engine: &Engine,
     point: Option<&str>,
     repair: bool,
+    from: &[PathBuf],
     progress: &dyn Progress,
 ) -> Result<VerifyReport> {
     let data = &engine.backup_state().data;
     if repair {
         let _op = engine.lock_ops();
-        backup::verify::repair(engine.store(), data, &engine.disks(), point, progress)
+        let disks = engine.disks();
+        let sources = backup::heal::Sources::new(engine.store(), data, &disks, from)?;
+        backup::heal::repair(engine.store(), data, &sources, point, progress)
     } else {
         backup::verify::verify(engine.store(), data, point, progress)
     }

@@ -33,6 +33,7 @@ pub mod blocks;
 pub mod cow;
 pub mod data;
 pub mod gc;
+pub mod heal;
 pub mod image;
 pub mod manage;
 pub mod outcome;

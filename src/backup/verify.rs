@@ -11,14 +11,10 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use std::os::unix::fs::FileExt;
-
-use crate::error::{Error, Result};
-use crate::live::LiveDisk;
+use crate::error::Result;
 use crate::repo::{BlobKind, BlobStore, Hash};
 use crate::store::Store;
 use crate::store::records::{RefRecord, RefState};
-use crate::track::seqmap::BlockRun;
 
 use super::data::{Data, map_of};
 use super::progress::Progress;
@@ -148,74 +144,5 @@ pub fn verify(
             log::warn!("recording the damaged blocks: {e}");
         }
     }
-    Ok(report)
-}
-
-/// `verify --repair`: verify, store each damaged block again from a live disk wherever
-/// tracking proves the live block unchanged since a point that needs it (and its bytes match
-/// the block's hash: checked before anything is written), then verify again. What no live
-/// disk can vouch for stays damaged and is reported.
-///
-/// # Errors
-/// As `verify`; I/O failures storing repaired blocks.
-pub fn repair(
-    store: &Store,
-    data: &Arc<Data>,
-    live: &[Arc<LiveDisk>],
-    point: Option<&str>,
-    progress: &dyn Progress,
-) -> Result<VerifyReport> {
-    let first = verify(store, data, point, &super::NoProgress)?;
-    let bs = store.block_size() as u64;
-    let mut repaired: Vec<Damage> = Vec::new();
-    let mut done: HashMap<Hash, bool> = HashMap::new();
-    // Changed-since lists, one per (point, disk).
-    let mut changed: HashMap<(String, String), Option<Vec<BlockRun>>> = HashMap::new();
-    for d in &first.damaged {
-        let (Some(b), Some(h)) = (d.block, d.hash.as_deref().and_then(Hash::parse)) else {
-            continue;
-        };
-        if let Some(&ok) = done.get(&h) {
-            if ok {
-                repaired.push(d.clone());
-            }
-            continue;
-        }
-        let Some(disk) = live.iter().find(|l| l.name() == d.disk) else {
-            continue;
-        };
-        let runs = changed
-            .entry((d.point.clone(), d.disk.clone()))
-            .or_insert_with(|| {
-                let rec = store.read_ref(&d.point).ok()?;
-                let seq = rec.disks.get(&d.disk)?.seq;
-                (rec.disks[&d.disk].size == disk.size())
-                    .then(|| disk.tracker().changed_since(&d.point, seq).ok())
-                    .flatten()
-            });
-        let Some(runs) = runs else { continue };
-        // Written since the point: the live bytes are newer than the point's.
-        if runs.iter().any(|r| r.start <= b && b < r.start + r.count) {
-            continue;
-        }
-        let off = b * bs;
-        if off >= disk.size() {
-            continue;
-        }
-        let len = bs.min(disk.size() - off) as usize;
-        let mut buf = vec![0u8; bs as usize];
-        disk.file()
-            .read_exact_at(&mut buf[..len], off)
-            .map_err(Error::io("read", disk.image()))?;
-        let ok = data.repo.store_again(BlobKind::Data, &h, &buf)?;
-        done.insert(h, ok);
-        if ok {
-            repaired.push(d.clone());
-        }
-    }
-    data.repo.flush()?;
-    let mut report = verify(store, data, point, progress)?;
-    super::data::save_damaged(store, &data.repo)?;
-    report.repaired = repaired;
     Ok(report)
 }

@@ -60,18 +60,20 @@ pub(super) fn verify(
     cx: &mut Ctx<'_, impl Write>,
     point: Option<&str>,
     repair: bool,
+    from: &[std::path::PathBuf],
     json: bool,
 ) -> Result<()> {
     let s = cx.open_store()?;
-    let r = control::verify(&s, point, repair, cx.progress)?;
+    let r = control::verify(&s, point, repair, from, cx.progress)?;
     if json {
         cx.print_json(&r)?;
     } else {
         for d in &r.repaired {
             let at = d.block.map(|b| format!(" block {b}")).unwrap_or_default();
+            // `what` says from where (and, for a map node, which one).
             cx.emit(format!(
-                "repaired: point {} disk {}{at}, from the live disk",
-                d.point, d.disk
+                "repaired: point {} disk {}{at} {}",
+                d.point, d.disk, d.what
             ))?;
         }
         for d in &r.damaged {

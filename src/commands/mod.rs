@@ -114,8 +114,9 @@ fn run_to(cli: Cli, out: &mut impl Write, progress: &dyn Progress) -> Result<()>
         Command::Verify {
             point,
             repair,
+            from,
             json,
-        } => backup::verify(cx, point.as_deref(), repair, json),
+        } => backup::verify(cx, point.as_deref(), repair, &from, json),
         Command::Prune {
             policy,
             owner,
