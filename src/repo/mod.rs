@@ -14,6 +14,7 @@
 
 pub mod backend;
 pub mod compress;
+mod faults;
 pub mod gc;
 pub mod index;
 pub mod pack;

@@ -355,6 +355,7 @@ impl Repository {
     }
 
     pub(super) fn read_from_pack(&self, e: &IndexEntry, kind: BlobKind) -> Result<Vec<u8>> {
+        crate::repo::faults::before_read(kind, &e.pack.object_name())?;
         let stored = self.backend.get_range(
             &e.pack.object_name(),
             e.entry.offset,
