@@ -137,6 +137,9 @@ pub struct Status {
     /// The outcome of the last backup attempt (`None` before the first).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_backup: Option<LastBackup>,
+    /// The last time the daemon found the store's filesystem gone from its path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_outage: Option<crate::engine::watch::StoreOutage>,
 }
 
 /// A point as a monitor sees it: which, and how long ago.
@@ -396,6 +399,7 @@ fn engine_status(engine: &Engine) -> Result<Status> {
         space: backup::data::space(store, &engine.backup_state().data, &refs)?,
         store_bytes: disk_usage(store.root(), None),
         last_backup,
+        store_outage: engine.store_outage(),
     })
 }
 

@@ -276,6 +276,20 @@ fn serve_inner(
             })
             .map_err(Error::io("start the flush thread for", mp))?
     };
+    let (stop_watch, watch_stopped) = mpsc::channel::<()>();
+    let watcher = {
+        let engine = engine.clone();
+        std::thread::Builder::new()
+            .name("store-watch".into())
+            .spawn(move || {
+                while let Err(mpsc::RecvTimeoutError::Timeout) =
+                    watch_stopped.recv_timeout(crate::engine::watch::WATCH_EVERY)
+                {
+                    engine.check_store();
+                }
+            })
+            .map_err(Error::io("start the store watch thread for", mp))?
+    };
     if let Some(mut tx) = ready.take() {
         let _ = tx.write_all(b"ready\n");
     }
@@ -286,7 +300,9 @@ fn serve_inner(
     );
     let run = session.run();
     drop(stop);
+    drop(stop_watch);
     let _ = flusher.join();
+    let _ = watcher.join();
     // New commands fall back to working on the store directly once the lock is free.
     let _ = std::fs::remove_file(&socket);
     engine.close()?;

@@ -64,6 +64,10 @@ pub enum Error {
     DiskUnavailable { disk: String, why: String },
     #[error("disk {0} was removed from the store; its live file no longer takes writes")]
     DiskRemoved(String),
+    #[error(
+        "disk {0}: write refused: the store's filesystem is not at its path (unmounted?), so the write could not be tracked"
+    )]
+    StoreAway(String),
     #[error("image {path} cannot be used: {why}")]
     BadImage { path: PathBuf, why: String },
     #[error(
@@ -237,6 +241,8 @@ impl Error {
             Error::DiskUnavailable { .. } => libc::ENODEV,
             // A write through a removed disk's live file still open in the mount.
             Error::DiskRemoved(_) => libc::EIO,
+            // Refused rather than accepted untracked (`engine::watch`).
+            Error::StoreAway(_) => libc::EIO,
             Error::CheckpointClosed(_) => libc::ESTALE,
             Error::PackFull => libc::EFBIG,
             Error::VerifyFailed(_) => libc::EIO,

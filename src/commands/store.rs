@@ -101,6 +101,24 @@ pub(super) fn status(cx: &mut Ctx<'_, impl Write>, json: bool) -> Result<()> {
         sp.blobs,
         human(sp.raw_bytes)
     ))?;
+    if let Some(o) = &st.store_outage {
+        let when = |t: u64| crate::store::now_unix().saturating_sub(t);
+        cx.emit(match o.until_unix {
+            None => format!(
+                "store away: its filesystem left its path {} s ago; live disks refuse writes \
+                 ({} so far)",
+                when(o.since_unix),
+                o.writes_refused
+            ),
+            Some(u) => format!(
+                "store outage: its filesystem was away for {} s, back {} s ago; {} write(s) \
+                 refused meanwhile, none taken untracked",
+                u.saturating_sub(o.since_unix),
+                when(u),
+                o.writes_refused
+            ),
+        })?;
+    }
     if let Some(b) = &st.last_backup {
         cx.emit(format!("last backup: {}", last_backup_line(b)))?;
     }

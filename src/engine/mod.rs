@@ -8,6 +8,7 @@
 //! that leaves only an unused number behind.
 
 mod points;
+pub mod watch;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -39,6 +40,8 @@ pub struct Engine {
     closed: Mutex<bool>,
     /// Open checkpoints and open packs (see `backup`).
     backup: EngineState,
+    /// Whether the store's filesystem is still at its path (`watch`).
+    watch: watch::StoreWatch,
 }
 
 /// Changed extents of one disk.
@@ -100,6 +103,7 @@ impl Engine {
             }
         }
         Ok(Engine {
+            watch: watch::StoreWatch::new(store.root()),
             backup,
             store,
             _lock: lock,

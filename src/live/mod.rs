@@ -41,6 +41,11 @@ pub struct LiveDisk {
     cow: DiskCow,
     /// Set by `disk remove`: a handle the mount still holds must not write untracked.
     removed: AtomicBool,
+    /// Set while the store's filesystem is not at its path (`engine::watch`): the marks of a
+    /// write could land in a filesystem that never comes back, so writes are refused.
+    store_away: AtomicBool,
+    /// Writes refused while the store was away.
+    refused: AtomicU64,
     /// When this disk was opened, and nanoseconds after it that the last write or owner or
     /// mode change ended (0: none yet, which counts as "just before the open").
     opened: Instant,
@@ -85,6 +90,8 @@ impl LiveDisk {
             tracker: Mutex::new(tracker),
             cow: DiskCow::default(),
             removed: AtomicBool::new(false),
+            store_away: AtomicBool::new(false),
+            refused: AtomicU64::new(0),
             opened: Instant::now(),
             last_change: AtomicU64::new(0),
         }
@@ -103,6 +110,18 @@ impl LiveDisk {
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Refuse writes (EIO) while the store's filesystem is away, or take them again. A
+    /// write already past the check finishes under the gate, which this waits for.
+    pub fn set_store_away(&self, away: bool) {
+        let _exclusive = self.gate.write();
+        self.store_away.store(away, Ordering::Release);
+    }
+
+    /// Writes refused so far because the store was away.
+    pub fn refused_writes(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
     }
     pub fn image(&self) -> &Path {
         &self.image
@@ -153,6 +172,10 @@ impl LiveDisk {
         let _shared = self.gate.read();
         if self.removed.load(Ordering::Acquire) {
             return Err(Error::DiskRemoved(self.name.clone()));
+        }
+        if self.store_away.load(Ordering::Acquire) {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            return Err(Error::StoreAway(self.name.clone()));
         }
         self.tracker.lock().before_write(off, len)?;
         self.cow
