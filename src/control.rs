@@ -140,6 +140,10 @@ pub struct Status {
     /// The last time the daemon found the store's filesystem gone from its path.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub store_outage: Option<crate::engine::watch::StoreOutage>,
+    /// Daemon log lines held in memory because the log could not be written (a full
+    /// store), and why (`logfile`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_held: Option<(u64, String)>,
 }
 
 /// A point as a monitor sees it: which, and how long ago.
@@ -400,6 +404,7 @@ fn engine_status(engine: &Engine) -> Result<Status> {
         store_bytes: disk_usage(store.root(), None),
         last_backup,
         store_outage: engine.store_outage(),
+        log_held: crate::logfile::held(),
     })
 }
 

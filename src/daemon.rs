@@ -272,6 +272,7 @@ fn serve_inner(
                     if let Err(e) = engine.flush_dirty() {
                         log::error!("periodic flush of tracking state: {e}");
                     }
+                    crate::logfile::retry();
                 }
             })
             .map_err(Error::io("start the flush thread for", mp))?

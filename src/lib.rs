@@ -18,6 +18,7 @@ pub mod format;
 pub mod fs;
 pub mod image;
 pub mod live;
+pub mod logfile;
 pub mod names;
 pub mod replicate;
 pub mod repo;

@@ -16,6 +16,11 @@ fn main() {
     };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
         .format_timestamp(None)
+        // Lines the log cannot take (a full store holds the daemon's log) wait in memory.
+        .target(env_logger::Target::Pipe(Box::new(
+            vmref::logfile::LogWriter::default(),
+        )))
+        .write_style(env_logger::WriteStyle::Never)
         .init();
     let progress = bar::Bar::new(cli.quiet);
     if let Err(e) = vmref::commands::run(cli, &progress) {

@@ -68,6 +68,110 @@ fn live_write(live: &Path, off: u64, data: &[u8]) -> std::io::Result<()> {
     f.write_all_at(data, off)
 }
 
+/// Fill `dir`'s filesystem with `dir/filler` until ENOSPC.
+fn fill(dir: &Path) {
+    use std::io::Write;
+    let mut f = std::fs::File::create(dir.join("filler")).unwrap();
+    for chunk in [1 << 20, 4096, 512] {
+        let buf = vec![0x5au8; chunk];
+        loop {
+            match f.write(&buf) {
+                Ok(n) if n == buf.len() => {}
+                Ok(_) => break,
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
+                Err(e) => panic!("filler: {e}"),
+            }
+        }
+    }
+}
+
+/// The daemon's log is in the store: when the store is full, its important lines (here: the
+/// store leaving and coming back) wait in memory, `status` says so, and they are written, in
+/// order and under a line saying why they are late, once there is space again.
+#[test]
+fn daemon_log_lines_wait_while_the_store_is_full() {
+    if !fuse_ok("daemon_log_lines_wait_while_the_store_is_full") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk0.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let fs = LoopFs::new(&dir.path().join("store.ext4"), dir.path().join("storefs"));
+    let e = Env {
+        store: fs.dir.join("store"),
+        image,
+        model: vec![0u8; 1 << 20],
+        envs: Vec::new(),
+        s3: None,
+        dir,
+    };
+    e.ok(&["init", "--block-size", "4K"]);
+    e.ok(&["disk", "add", "disk0", e.image.to_str().unwrap()]);
+    let mnt = e.path("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    e.ok(&["mount", mnt.to_str().unwrap()]);
+    let g = MountGuard {
+        mnt: mnt.clone(),
+        pid: daemon_pid(&e.store),
+        child: None,
+    };
+    let log_path = e.store.join("daemon.log");
+    let log = || std::fs::read_to_string(&log_path).unwrap();
+    assert_eq!(log(), "", "nothing logged at the default level yet");
+    fill(&fs.dir);
+    fs.lazy_umount();
+    std::thread::sleep(Duration::from_millis(600));
+    fs.mount();
+    let start = Instant::now();
+    let held = loop {
+        let st: serde_json::Value = serde_json::from_str(&e.ok(&["status", "--json"])).unwrap();
+        if st["store_outage"]["until_unix"].as_u64().is_some() {
+            break st["log_held"].clone();
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "{st}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(held[0], 2, "both lines held: {held}");
+    assert!(
+        held[1].as_str().unwrap().contains("No space left"),
+        "{held}"
+    );
+    assert!(e.ok(&["status"]).contains("daemon log: 2 line(s) held"));
+    assert_eq!(log(), "", "nothing half-written");
+
+    std::fs::remove_file(fs.dir.join("filler")).unwrap();
+    let start = Instant::now();
+    while !log().contains("is back at") {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "held lines not written: {}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let text = log();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    assert!(
+        lines[0].contains("could not be written to this log"),
+        "{text}"
+    );
+    assert!(lines[1].contains("is no longer at"), "{text}");
+    assert!(lines[2].contains("is back at"), "{text}");
+    let st: serde_json::Value = serde_json::from_str(&e.ok(&["status", "--json"])).unwrap();
+    assert!(st.get("log_held").is_none(), "{st}");
+    e.ok(&["umount", mnt.to_str().unwrap()]);
+    drop(g);
+    eprintln!(
+        "store_away log counts: trials 1, faults injected 2 (store full, then away), log \
+         lines held 2, lines lost 0"
+    );
+    drop(fs);
+}
+
 #[test]
 fn store_filesystem_lazily_unmounted_under_a_running_mount() {
     if !fuse_ok("store_filesystem_lazily_unmounted_under_a_running_mount") {

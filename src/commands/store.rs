@@ -119,6 +119,12 @@ pub(super) fn status(cx: &mut Ctx<'_, impl Write>, json: bool) -> Result<()> {
             ),
         })?;
     }
+    if let Some((n, why)) = &st.log_held {
+        cx.emit(format!(
+            "daemon log: {n} line(s) held in memory, not yet written ({why}); they are \
+             written once the log takes them"
+        ))?;
+    }
     if let Some(b) = &st.last_backup {
         cx.emit(format!("last backup: {}", last_backup_line(b)))?;
     }
