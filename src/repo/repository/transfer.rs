@@ -38,6 +38,7 @@ impl Repository {
         let e = self
             .lookup(hash)?
             .ok_or_else(|| damaged(hash, NOT_STORED))?;
+        crate::repo::faults::before_read(kind, &e.pack.object_name())?;
         let stored = self.backend.get_range(
             &e.pack.object_name(),
             e.entry.offset,
