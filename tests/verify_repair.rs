@@ -320,7 +320,24 @@ fn repair_from_a_replica_and_another_store_including_map_nodes() {
     let repaired_a1 = fixed.len();
     n.check(&a.store, "p1", &m1, &tmp, true);
     n.check(&a.store, "p2", &m2, &tmp, true);
+    // The last repair runs in the sender's daemon when FUSE is here (the request carries
+    // --from), and in the command otherwise.
+    let mnt = tmp.join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let mounted =
+        common::fuse_ok("repair_from_a_replica_and_another_store (mounted part)").then(|| {
+            a.ok(&["mount", mnt.to_str().unwrap()]);
+            common::MountGuard {
+                mnt: mnt.clone(),
+                pid: common::daemon_pid(&a.store),
+                child: None,
+            }
+        });
     let (ok, fixed, bad) = repair(&a.store, &["--from", b.to_str().unwrap()]);
+    if let Some(g) = mounted {
+        a.ok(&["umount", mnt.to_str().unwrap()]);
+        drop(g);
+    }
     assert!(ok && bad.is_empty(), "{bad:?}");
     assert!(
         fixed.iter().any(|l| l.contains("block 1300 from")),
