@@ -131,3 +131,49 @@ impl Engine {
         Some(o)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::engine::Engine;
+    use crate::error::Error;
+    use crate::store::Store;
+
+    /// The store moved away from its path (as a lazy unmount leaves it) and back: writes are
+    /// refused meanwhile, counted, and taken again after.
+    #[test]
+    fn writes_are_refused_while_the_store_is_away() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("s");
+        let image = d.path().join("disk0.img");
+        std::fs::File::create(&image)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        let store = Store::init(&root, 4096).unwrap();
+        let e = Engine::open(store).unwrap();
+        e.disk_add("disk0", &image).unwrap();
+        let disk = e.disk("disk0").unwrap();
+        assert!(e.check_store() && e.store_outage().is_none());
+        disk.write_at(&[1; 4096], 0).unwrap();
+
+        let aside = d.path().join("aside");
+        std::fs::rename(&root, &aside).unwrap();
+        std::fs::create_dir(&root).unwrap();
+        assert!(!e.check_store());
+        for _ in 0..3 {
+            let err = disk.write_at(&[2; 4096], 8192).unwrap_err();
+            assert!(matches!(err, Error::StoreAway(_)), "{err}");
+            assert_eq!(err.errno(), libc::EIO);
+        }
+        let o = e.store_outage().unwrap();
+        assert!(o.until_unix.is_none() && o.writes_refused == 3 && o.count == 1);
+
+        std::fs::remove_dir(&root).unwrap();
+        std::fs::rename(&aside, &root).unwrap();
+        assert!(e.check_store());
+        disk.write_at(&[3; 4096], 8192).unwrap();
+        let o = e.store_outage().unwrap();
+        assert!(o.until_unix.is_some() && o.writes_refused == 3 && o.count == 1);
+        e.close().unwrap();
+    }
+}
