@@ -56,6 +56,7 @@ impl Data {
     /// As `open`.
     pub fn open_repo(store: &Store, for_upgrade: bool) -> Result<Data> {
         let backend = backend(store.root(), store.repository())?;
+        let key = crate::repo::key::store_key(store.root())?;
         let fresh = match backend.size(crate::repo::repository::CONFIG_NAME) {
             Ok(_) => false,
             Err(e) if is_missing(&e) => true,
@@ -76,9 +77,9 @@ impl Data {
                     },
                 });
             }
-            Repository::init(backend, RepoOptions::default())?
+            Repository::init_with_key(backend, RepoOptions::default(), key.as_ref())?
         } else {
-            Repository::open(backend)?
+            Repository::open_with_key(backend, key.as_ref())?
         };
         load_damaged(store, &repo);
         Ok(Data::new(Arc::new(repo)))

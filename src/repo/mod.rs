@@ -16,9 +16,11 @@ pub mod backend;
 pub mod compress;
 pub mod gc;
 pub mod index;
+pub mod key;
 pub mod pack;
 pub mod repair;
 pub mod repository;
+pub mod seal;
 
 use std::collections::HashMap;
 use std::fmt;
