@@ -200,6 +200,19 @@ fn encrypted_chain_restores_mounts_verifies_and_hides_the_disk() {
         assert_same(p, &e.restore(p), m);
     }
 
+    // Damage inside a sealed pack: found by `verify`, a failed restore, never other bytes.
+    let packs: Vec<PathBuf> = files(&e.store.join("repo/packs")).into_keys().collect();
+    let victim = packs
+        .iter()
+        .max_by_key(|p| std::fs::metadata(p).unwrap().len())
+        .unwrap();
+    let len = std::fs::metadata(victim).unwrap().len();
+    common::flip(victim, len / 2);
+    let damage = e.verify_fails(&[]);
+    assert!(!damage.is_empty());
+    common::flip(victim, len / 2);
+    e.ok(&["verify"]);
+
     if !fuse_ok(test) {
         return;
     }
