@@ -134,6 +134,9 @@ pub struct Status {
     /// The outcome of the last backup attempt (`None` before the first).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_backup: Option<LastBackup>,
+    /// The public id of the repository's key when it is encrypted (never the key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption_key_id: Option<String>,
 }
 
 /// A point as a monitor sees it: which, and how long ago.
@@ -385,6 +388,7 @@ fn engine_status(engine: &Engine) -> Result<Status> {
         space: backup::data::space(store, &engine.backup_state().data, &refs)?,
         store_bytes: disk_usage(store.root(), None),
         last_backup,
+        encryption_key_id: engine.backup_state().data.repo.config().key_id.clone(),
     })
 }
 

@@ -166,6 +166,14 @@ fn encrypted_chain_restores_mounts_verifies_and_hides_the_disk() {
         0o600
     );
     assert!(!c.store.join("repo.key").exists());
+    let st: serde_json::Value = serde_json::from_str(&e.ok(&["status", "--json"])).unwrap();
+    let id = st["encryption_key_id"].as_str().unwrap().to_string();
+    assert_eq!(id.len(), 32);
+    assert!(
+        e.ok(&["status"])
+            .contains(&format!("encryption: on, key id {id}"))
+    );
+    assert!(c.ok(&["status"]).contains("encryption: off"));
     let mut models = Vec::new();
     for i in 0..5 {
         let name = format!("p{i}");

@@ -135,6 +135,13 @@ pub(super) fn status(cx: &mut Ctx<'_, impl Write>, json: bool) -> Result<()> {
         sp.blobs,
         human(sp.raw_bytes)
     ))?;
+    cx.emit(match &st.encryption_key_id {
+        Some(id) => format!(
+            "encryption: on, key id {id} (key file {})",
+            s.root().join(crate::repo::key::KEY_FILE_NAME).display()
+        ),
+        None => "encryption: off".into(),
+    })?;
     if let Some(b) = &st.last_backup {
         cx.emit(format!("last backup: {}", last_backup_line(b)))?;
     }
