@@ -451,3 +451,27 @@ fn s3_repository_is_encrypted_by_default() {
     std::fs::rename(&aside, &key).unwrap();
     e.ok(&["verify"]);
 }
+
+#[test]
+fn verify_repair_heals_a_sealed_pack_from_the_live_disk() {
+    let mut rng = Rng(test_seed("verify_repair_heals_a_sealed_pack") | 1);
+    let data = marked(&mut rng, 1 << 20, 4);
+    let e = Env::with_init(SIZE, &data, &["--encrypt"], Vec::new(), None);
+    e.ok(&["backup", "p1"]);
+    let packs: Vec<PathBuf> = files(&e.store.join("repo/packs")).into_keys().collect();
+    let victim = packs
+        .iter()
+        .max_by_key(|p| std::fs::metadata(p).unwrap().len())
+        .unwrap();
+    let len = std::fs::metadata(victim).unwrap().len();
+    // One byte spoils the 16 KiB chunk it is in: every block stored across it.
+    common::flip(victim, len / 3);
+    let out = e.verify_fails(&[]);
+    assert!(out.contains("damaged"), "{out}");
+    // The live disk is unchanged since p1, so tracking vouches for every damaged block, and
+    // the new copies get the keyed ids the map names.
+    let repaired = e.ok(&["verify", "--repair"]);
+    assert!(repaired.contains("repaired: point p1"), "{repaired}");
+    assert!(e.ok(&["verify"]).contains("all good"));
+    assert_same("p1", &e.restore("p1"), &e.model);
+}
