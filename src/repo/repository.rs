@@ -269,9 +269,8 @@ impl Repository {
                 };
                 let Some(k) = key else {
                     return Err(refuse(format!(
-                        "its key file (key id {}) is needed: put it at STORE/{}, or init this store with --key-file",
-                        enc.key_id,
-                        crate::repo::key::KEY_FILE_NAME
+                        "its key file is needed (key id {})",
+                        enc.key_id
                     )));
                 };
                 let check = from_hex(&enc.key_check).ok_or_else(|| bad("key check".into()))?;
