@@ -82,8 +82,17 @@ impl RepoKey {
             why,
         };
         let bytes = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
-        let rec: KeyRecord =
-            format::decode(KEY_FILE, &bytes).map_err(|e: FormatError| bad(e.to_string()))?;
+        // Never the bytes or checksums a decoding error would show: in a key file (or a raw
+        // key given by mistake) they are key material.
+        let rec: KeyRecord = format::decode(KEY_FILE, &bytes).map_err(|e| {
+            bad(match e {
+                FormatError::BadMagic { .. } => "not a vmref key file".into(),
+                FormatError::BadChecksum { .. } => "damaged (checksum mismatch)".into(),
+                FormatError::Truncated { .. } => "damaged (too short)".into(),
+                FormatError::Invalid { .. } => "damaged (does not parse)".into(),
+                other => other.to_string(),
+            })
+        })?;
         let key = Hash::parse(&rec.key)
             .filter(|h| !h.is_zero())
             .ok_or_else(|| bad("not a key file (its key is not 64 hex digits)".into()))?;
@@ -172,6 +181,16 @@ mod tests {
         }
         std::fs::write(&p, &good[..good.len() - 1]).unwrap();
         assert!(RepoKey::load(&p).is_err());
+        // A raw key given by mistake: refused without showing any of its bytes.
+        let raw: Vec<u8> = (0u8..32)
+            .map(|i| i.wrapping_mul(37).wrapping_add(11))
+            .collect();
+        std::fs::write(&p, &raw).unwrap();
+        let e = RepoKey::load(&p).unwrap_err().to_string();
+        assert!(e.contains("not a vmref key file"), "{e}");
+        for w in raw.windows(2) {
+            assert!(!e.contains(&format!("{:02x}, {:02x}", w[0], w[1])), "{e}");
+        }
         assert!(RepoKey::load(&d.path().join("missing")).is_err());
     }
 }
