@@ -44,6 +44,17 @@ pub enum Command {
         /// Keep backup data in an S3 bucket (s3://BUCKET[/PREFIX]) instead of STORE/repo
         #[arg(long, value_name = "URL")]
         repository: Option<String>,
+        /// Encrypt the repository under a new key kept in STORE/repo.key (the default for
+        /// s3:// repositories)
+        #[arg(long, conflicts_with = "no_encrypt")]
+        encrypt: bool,
+        /// Do not encrypt an s3:// repository
+        #[arg(long)]
+        no_encrypt: bool,
+        /// Encrypt under the key of this key file (a copy of another store's repo.key)
+        /// instead of a new key; implies --encrypt
+        #[arg(long, value_name = "PATH", conflicts_with = "no_encrypt")]
+        key_file: Option<PathBuf>,
     },
     #[command(
         after_help = "Examples:\n  vmref --store /srv/vm1 disk add disk0 /srv/images/vm1.img\n  vmref --store /srv/vm1 disk list --json"

@@ -144,6 +144,9 @@ pub struct Status {
     /// store), and why (`logfile`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log_held: Option<(u64, String)>,
+    /// The public id of the repository's key when it is encrypted (never the key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption_key_id: Option<String>,
 }
 
 /// A point as a monitor sees it: which, and how long ago.
@@ -405,6 +408,7 @@ fn engine_status(engine: &Engine) -> Result<Status> {
         last_backup,
         store_outage: engine.store_outage(),
         log_held: crate::logfile::held(),
+        encryption_key_id: engine.backup_state().data.repo.config().key_id.clone(),
     })
 }
 

@@ -130,6 +130,14 @@ pub enum Error {
     /// request and the reason.
     #[error("object store {0}")]
     ObjectStore(String),
+    /// A key file that is missing, unreadable, damaged or would be replaced. Never carries
+    /// key material.
+    #[error("key file {}: {why}", path.display())]
+    KeyFile { path: PathBuf, why: String },
+    /// An encrypted repository opened without a key, or with the wrong one: nothing was read
+    /// or changed. The text says which key the repository wants (its public id).
+    #[error("repository {repo} is encrypted: {why}")]
+    Encrypted { repo: String, why: String },
     /// A checkpoint's image read after the checkpoint was demoted or its backup committed.
     #[error("checkpoint {0:?} is closed: its copy-on-write data is gone")]
     CheckpointClosed(String),
@@ -239,6 +247,8 @@ impl Error {
                 libc::EBUSY
             }
             Error::DiskUnavailable { .. } => libc::ENODEV,
+            // No key, no data: like a permission the caller lacks.
+            Error::KeyFile { .. } | Error::Encrypted { .. } => libc::EACCES,
             // A write through a removed disk's live file still open in the mount.
             Error::DiskRemoved(_) => libc::EIO,
             // Refused rather than accepted untracked (`engine::watch`).

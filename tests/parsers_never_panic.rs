@@ -287,6 +287,15 @@ proptest! {
     }
 
     #[test]
+    fn sealed_object(
+        data in prop::collection::vec(any::<u8>(), 0..40_000),
+        bit in any::<usize>(),
+        cut in any::<usize>(),
+    ) {
+        v2_parsers::sealed_object(&data, bit, cut);
+    }
+
+    #[test]
     fn replication_stream(
         data in prop::collection::vec(any::<u8>(), 0..600),
         bit in any::<usize>(),

@@ -56,10 +56,23 @@ impl Data {
     /// As `open`.
     pub fn open_repo(store: &Store, for_upgrade: bool) -> Result<Data> {
         let backend = backend(store.root(), store.repository())?;
+        let key = crate::repo::key::store_key(store.root())?;
         let fresh = match backend.size(crate::repo::repository::CONFIG_NAME) {
             Ok(_) => false,
             Err(e) if is_missing(&e) => true,
             Err(e) => return Err(e),
+        };
+        let kp = store.root().join(crate::repo::key::KEY_FILE_NAME);
+        // Say where this store looks for its key: the repository does not know.
+        let where_key = |e: Error| match e {
+            Error::Encrypted { repo, why } => Error::Encrypted {
+                repo,
+                why: match &key {
+                    None => format!("{why}, and there is none at {}", kp.display()),
+                    Some(_) => format!("{why} (key file {})", kp.display()),
+                },
+            },
+            e => e,
         };
         let repo = if fresh {
             if !for_upgrade
@@ -76,9 +89,9 @@ impl Data {
                     },
                 });
             }
-            Repository::init(backend, RepoOptions::default())?
+            Repository::init_with_key(backend, RepoOptions::default(), key.as_ref())?
         } else {
-            Repository::open(backend)?
+            Repository::open_with_key(backend, key.as_ref()).map_err(where_key)?
         };
         load_damaged(store, &repo);
         Ok(Data::new(Arc::new(repo)))

@@ -159,11 +159,12 @@ fn read_block(file: &File, path: &Path, size: u64, b: u64, bs: u64) -> Result<Ve
     Ok(buf)
 }
 
-fn block_hash(bytes: &[u8]) -> Hash {
+/// A block's id as the repository names it (keyed in an encrypted one); zeros are holes.
+fn block_hash(repo: &Repository, bytes: &[u8]) -> Hash {
     if is_zero(bytes) {
         Hash::ZERO
     } else {
-        Hash::of(bytes)
+        repo.id_of(bytes)
     }
 }
 
@@ -372,7 +373,7 @@ impl Healer<'_, '_> {
             }
             let h = if level == 0 {
                 let bytes = read_block(src.file, src.path, src.size, pos, self.bs)?;
-                let h = block_hash(&bytes);
+                let h = block_hash(&self.data.repo, &bytes);
                 if self.bad_blocks.contains(&h) && !self.fixed.contains_key(&h) {
                     blocks.push((h, bytes));
                 }
@@ -385,7 +386,7 @@ impl Healer<'_, '_> {
         let Some(bytes) = node::encode(level, &entries) else {
             return Ok(Hash::ZERO);
         };
-        let h = Hash::of(&bytes);
+        let h = self.data.repo.id_of(&bytes);
         if !self.fixed.contains_key(&h) && self.data.repo.get(BlobKind::Map, &h).is_err() {
             nodes.push((h, bytes));
         }

@@ -64,7 +64,15 @@ fn run_to(cli: Cli, out: &mut impl Write, progress: &dyn Progress) -> Result<()>
             block_size,
             compression,
             repository,
-        } => store::init(cx, block_size, compression, repository),
+            encrypt,
+            no_encrypt,
+            key_file,
+        } => {
+            // As restic does for every repository: one on storage someone else runs is
+            // encrypted unless the user says otherwise; a local one keeps the old default.
+            let encrypt = encrypt || key_file.is_some() || (repository.is_some() && !no_encrypt);
+            store::init(cx, block_size, compression, repository, encrypt, key_file)
+        }
         Command::Upgrade { json } => store::upgrade(cx, json),
         Command::Completions { shell } => {
             use clap::CommandFactory;

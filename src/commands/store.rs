@@ -10,6 +10,7 @@ use crate::backup::outcome::{LastBackup, Outcome};
 use crate::control;
 use crate::error::{Error, Result};
 use crate::repo::compress::{Compression, DEFAULT_COMPRESSION};
+use crate::repo::key::{KEY_FILE_NAME, RepoKey};
 use crate::repo::repository::{RepoOptions, Repository};
 use crate::store::lock::StoreLock;
 use crate::store::{self, DEFAULT_BLOCK_SIZE, Store};
@@ -20,6 +21,8 @@ pub(super) fn init(
     block_size: Option<String>,
     compression: Option<String>,
     repository: Option<String>,
+    encrypt: bool,
+    key_file: Option<PathBuf>,
 ) -> Result<()> {
     let bs = match block_size.or(cx.config.block_size.clone()) {
         Some(s) => store::parse_block_size(&s)?,
@@ -35,16 +38,47 @@ pub(super) fn init(
     if let Some(r) = &repository {
         crate::s3::parse_location(r)?;
     }
+    // Read (or made) before the store directory is touched: a bad key file changes nothing.
+    let key = match (&key_file, encrypt) {
+        (Some(p), _) => Some(RepoKey::load(p)?),
+        (None, true) => Some(RepoKey::generate()?),
+        (None, false) => None,
+    };
     let s = Store::init_at(&cx.root, bs, repository.clone(), |root| {
-        Repository::init(backend(root, repository.as_deref())?, opts).map(|_| ())
+        let kp = root.join(KEY_FILE_NAME);
+        if let Some(k) = &key {
+            k.save(&kp)?;
+        }
+        let r = backend(root, repository.as_deref())
+            .and_then(|b| Repository::init_with_key(b, opts, key.as_ref()));
+        if r.is_err() && key.is_some() {
+            // `init` may simply be run again: leave no key for a repository never made.
+            let _ = crate::store::atomic::remove_durable(&kp);
+        }
+        r.map(|_| ())
     })?;
+    let enc = match &key {
+        Some(k) => format!(
+            "encrypted, key id {}, key file {}",
+            k.key_id(),
+            s.root().join(KEY_FILE_NAME).display()
+        ),
+        None => "not encrypted".into(),
+    };
     cx.emit(format!(
-        "initialized store {} (block size {}, compression {}, repository {})",
+        "initialized store {} (block size {}, compression {}, repository {}, {enc})",
         s.root().display(),
         human(bs as u64),
         opts.compression,
         repository.unwrap_or_else(|| s.repo_dir().display().to_string())
-    ))
+    ))?;
+    if key.is_some() {
+        cx.emit(format!(
+            "keep a copy of {} somewhere safe: without it the backups cannot be read",
+            s.root().join(KEY_FILE_NAME).display()
+        ))?;
+    }
+    Ok(())
 }
 
 pub(super) fn upgrade(cx: &mut Ctx<'_, impl Write>, json: bool) -> Result<()> {
@@ -125,6 +159,13 @@ pub(super) fn status(cx: &mut Ctx<'_, impl Write>, json: bool) -> Result<()> {
              written once the log takes them"
         ))?;
     }
+    cx.emit(match &st.encryption_key_id {
+        Some(id) => format!(
+            "encryption: on, key id {id} (key file {})",
+            s.root().join(crate::repo::key::KEY_FILE_NAME).display()
+        ),
+        None => "encryption: off".into(),
+    })?;
     if let Some(b) = &st.last_backup {
         cx.emit(format!("last backup: {}", last_backup_line(b)))?;
     }

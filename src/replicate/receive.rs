@@ -447,7 +447,9 @@ impl Receiver {
                         bytes: data,
                         raw_len,
                     };
-                    if !repo.put_stored(BlobKind::Data, &hash, &blob)? {
+                    // The stream names blocks by their plain BLAKE3; the map names them by
+                    // this repository's id (keyed when it is encrypted).
+                    let Some(id) = repo.put_stored(BlobKind::Data, &hash, &blob)? else {
                         return Err(self.damaged(
                             at,
                             format!(
@@ -455,8 +457,8 @@ impl Receiver {
                                 self.header.disks[i].name
                             ),
                         ));
-                    }
-                    self.batch.push((block, hash));
+                    };
+                    self.batch.push((block, id));
                     self.next_block = block + 1;
                     self.blocks_total += 1;
                     self.progressed = true;
@@ -486,8 +488,12 @@ impl Receiver {
                     }
                     self.apply(owner)?;
                     let (map, ours) = self.maps[i];
+                    // The sender's root is in the plain id space; an encrypted repository's
+                    // map is in its keyed one, so only the counts compare there (each block
+                    // was checked against its plain hash, and the stream by its digest).
+                    let plain = repo.plain_ids();
                     if let Some(root) = root
-                        && (root != map.root || data_blocks != ours)
+                        && ((plain && root != map.root) || data_blocks != ours)
                     {
                         return Err(self.damaged(
                             at,

@@ -245,12 +245,27 @@ fn send_point(
         };
         o.w.disk(i as u32)?;
         let (map, data_blocks) = map_of(store, &rec, &d.name)?;
-        let send_hash = |o: &mut Out<&mut dyn Write>, b: u64, h: Hash| -> Result<()> {
+        // A stream names blocks by their plain BLAKE3 and carries the plain map's root. An
+        // encrypted repository's ids and roots are keyed, so it builds the plain map of a
+        // whole disk as it goes (hash-only: nothing stored); an incremental or resumed disk
+        // goes without a root (the receiver checks each block and the stream's digest).
+        let plain = data.repo.plain_ids();
+        let mut plain_map = (!plain && !d.incremental && from == 0)
+            .then(|| MapBuilder::new(&HashOnly, map.nblocks));
+        let send_hash = |o: &mut Out<&mut dyn Write>,
+                         pm: &mut Option<MapBuilder<'_, HashOnly>>,
+                         b: u64,
+                         h: Hash|
+         -> Result<()> {
             if h.is_zero() {
                 return o.zero(b);
             }
             let s = data.repo.get_stored(BlobKind::Data, &h)?;
-            o.block(b, stream_codec(s.codec), s.raw_len, &h, &s.bytes)
+            let ph = data.repo.stream_hash(&h, &s)?;
+            if let Some(m) = pm.as_mut() {
+                m.push(b, ph)?;
+            }
+            o.block(b, stream_codec(s.codec), s.raw_len, &ph, &s.bytes)
         };
         if d.incremental {
             let b = base.as_ref().expect("incremental disks have a base");
@@ -259,16 +274,24 @@ fn send_point(
                 if blk < from {
                     return Ok(());
                 }
-                send_hash(&mut o, blk, h)
+                send_hash(&mut o, &mut plain_map, blk, h)
             })?;
         } else {
             for x in data.maps.data_runs(&map, from..map.nblocks) {
                 let (blk, h) = x?;
-                send_hash(&mut o, blk, h)?;
+                send_hash(&mut o, &mut plain_map, blk, h)?;
             }
         }
         o.flush_zeros()?;
-        o.w.disk_end(i as u32, data_blocks, Some(map.root))?;
+        let root = if plain {
+            Some(map.root)
+        } else {
+            plain_map
+                .map(|m| m.finish())
+                .transpose()?
+                .map(|m: MapRoot| m.root)
+        };
+        o.w.disk_end(i as u32, data_blocks, root)?;
     }
     let (blocks, zero_blocks) = (o.blocks, o.zero_blocks);
     let bytes = o.w.end()?;

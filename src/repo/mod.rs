@@ -1,6 +1,7 @@
 //! The repository (store format v2): where backup data lives, content-addressed.
 //!
-//! Every stored object is a *blob* named by the BLAKE3 hash of its uncompressed bytes: disk
+//! Every stored object is a *blob* named by the BLAKE3 hash of its uncompressed bytes (keyed
+//! under the repository's key when it is encrypted: `seal.rs`, `Repository::id_of`): disk
 //! blocks (`BlobKind::Data`) and the nodes of point maps (`BlobKind::Map`). The hash is the
 //! name (identical bytes are stored once, across disks and points, and across stores once
 //! several share a repository, which is not built yet) and the checksum
@@ -17,9 +18,11 @@ pub mod compress;
 mod faults;
 pub mod gc;
 pub mod index;
+pub mod key;
 pub mod pack;
 pub mod repair;
 pub mod repository;
+pub mod seal;
 
 use std::collections::HashMap;
 use std::fmt;

@@ -23,15 +23,42 @@ use crate::format::{self, Kind};
 use crate::repo::backend::{Backend, is_missing};
 use crate::repo::compress::{self, Compression, DEFAULT_COMPRESSION};
 use crate::repo::index::{self, IndexEntry, IndexFile, IndexSet};
+use crate::repo::key::RepoKey;
 use crate::repo::pack::{DEFAULT_PACK_TARGET, PackId, PackWriter};
+use crate::repo::seal::{Keys, SealedBackend};
 use crate::repo::{BlobKind, BlobStore, Hash, damaged};
 
-/// The repository's `config` object. Do not modify the magic.
+fn to_hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn from_hex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) || !s.is_ascii() {
+        return None;
+    }
+    (0..s.len() / 2)
+        .map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok())
+        .collect()
+}
+
+/// The repository's `config` object, as read. Do not modify the magic. Major 3: the
+/// repository is encrypted (`encryption` in the record), which a release that knows only
+/// major 2 must refuse rather than read sealed objects as damage; only encrypted
+/// repositories are written at 3.0.
 pub const REPO_CONFIG: Kind = Kind {
     magic: b"VMREFRPO",
-    major: 2,
+    major: 3,
     minor: 0,
 };
+/// How an unencrypted repository's config is written: 2.0, byte for byte as before
+/// encryption existed.
+pub const REPO_CONFIG_PLAIN: Kind = Kind {
+    major: 2,
+    ..REPO_CONFIG
+};
+/// The cipher and id scheme of an encrypted repository (`seal.rs`), as its config names it.
+pub const CIPHER: &str = "xchacha20poly1305-chunked16k";
+pub const BLOB_IDS: &str = "blake3-keyed";
 pub const CONFIG_NAME: &str = "config";
 /// After this many blobs put without a flush, an index object is written anyway, so memory
 /// for pending blobs stays bounded during a long full backup.
@@ -44,6 +71,19 @@ struct ConfigRecord {
     compression: String,
     pack_target: u64,
     created_unix: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    encryption: Option<EncryptionRecord>,
+}
+
+/// Present exactly when the repository is encrypted.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct EncryptionRecord {
+    cipher: String,
+    blob_ids: String,
+    /// The public id of the key (`seal::Keys::key_id`), for messages.
+    key_id: String,
+    /// A known value sealed under the key, in hex: a wrong key fails to open it.
+    key_check: String,
 }
 
 /// Settings fixed at `init`.
@@ -52,6 +92,8 @@ pub struct RepoConfig {
     pub id: String,
     pub compression: Compression,
     pub pack_target: usize,
+    /// The public id of the key of an encrypted repository; `None`: not encrypted.
+    pub key_id: Option<String>,
 }
 
 /// What `init` is asked for.
@@ -112,6 +154,9 @@ pub struct Repository {
     /// Blobs whose stored copy is known damaged (`verify` found them): a put stores them
     /// again instead of deduplicating against the bad copy (see `heal`).
     pub(super) damaged: RwLock<std::collections::HashSet<Hash>>,
+    /// The keys of an encrypted repository (the backend above is then a `SealedBackend`):
+    /// blob ids are keyed hashes.
+    pub(super) keys: Option<Arc<Keys>>,
 }
 
 impl Repository {
@@ -120,24 +165,62 @@ impl Repository {
     /// # Errors
     /// `StoreExists` when the backend already holds a config; I/O failures.
     pub fn init(backend: Arc<dyn Backend>, opts: RepoOptions) -> Result<Repository> {
+        Repository::init_with_key(backend, opts, None)
+    }
+
+    /// `init`, encrypted under `key` when one is given.
+    ///
+    /// # Errors
+    /// As `init`.
+    pub fn init_with_key(
+        backend: Arc<dyn Backend>,
+        opts: RepoOptions,
+        key: Option<&RepoKey>,
+    ) -> Result<Repository> {
+        let encryption = key
+            .map(|k| -> Result<EncryptionRecord> {
+                Ok(EncryptionRecord {
+                    cipher: CIPHER.into(),
+                    blob_ids: BLOB_IDS.into(),
+                    key_id: k.key_id().to_string(),
+                    key_check: to_hex(&k.keys().key_check()?),
+                })
+            })
+            .transpose()?;
+        let kind = if encryption.is_some() {
+            REPO_CONFIG
+        } else {
+            REPO_CONFIG_PLAIN
+        };
         let rec = ConfigRecord {
-            version: REPO_CONFIG.major,
+            version: kind.major,
             id: crate::store::random_id()?,
             compression: opts.compression.to_string(),
             pack_target: opts.pack_target as u64,
             created_unix: crate::store::now_unix(),
+            encryption,
         };
-        if !backend.put_if_absent(CONFIG_NAME, &format::encode(REPO_CONFIG, &rec))? {
+        if !backend.put_if_absent(CONFIG_NAME, &format::encode(kind, &rec))? {
             return Err(Error::StoreExists(backend.describe().into()));
         }
-        Repository::open(backend)
+        Repository::open_with_key(backend, key)
     }
 
-    /// Open the repository of `backend`.
+    /// Open the repository of `backend`, which must not be encrypted.
     ///
     /// # Errors
-    /// `NotAStore` without a config; `Format` (`TooNew`) for a newer major version or damage.
+    /// As `open_with_key`.
     pub fn open(backend: Arc<dyn Backend>) -> Result<Repository> {
+        Repository::open_with_key(backend, None)
+    }
+
+    /// Open the repository of `backend`, with the key of an encrypted one (a key given for
+    /// an unencrypted repository is not used).
+    ///
+    /// # Errors
+    /// `NotAStore` without a config; `Format` (`TooNew`) for a newer major version or damage;
+    /// `Encrypted` for an encrypted repository without its key or with another one.
+    pub fn open_with_key(backend: Arc<dyn Backend>, key: Option<&RepoKey>) -> Result<Repository> {
         let bytes = match backend.get(CONFIG_NAME) {
             Ok(b) => b,
             Err(e) if is_missing(&e) => {
@@ -171,6 +254,38 @@ impl Repository {
         if rec.pack_target == 0 || rec.pack_target > 1 << 32 {
             return Err(bad(format!("pack target {}", rec.pack_target)));
         }
+        let (backend, keys, key_id) = match &rec.encryption {
+            None => (backend, None, None),
+            Some(enc) => {
+                if enc.cipher != CIPHER || enc.blob_ids != BLOB_IDS {
+                    return Err(bad(format!(
+                        "encryption {} with ids {} is unknown to this vmref",
+                        enc.cipher, enc.blob_ids
+                    )));
+                }
+                let refuse = |why: String| Error::Encrypted {
+                    repo: backend.describe(),
+                    why,
+                };
+                let Some(k) = key else {
+                    return Err(refuse(format!(
+                        "its key file is needed (key id {})",
+                        enc.key_id
+                    )));
+                };
+                let check = from_hex(&enc.key_check).ok_or_else(|| bad("key check".into()))?;
+                if !k.keys().opens_key_check(&check) {
+                    return Err(refuse(format!(
+                        "the key file given has key id {}, this repository wants key id {}",
+                        k.key_id(),
+                        enc.key_id
+                    )));
+                }
+                let sealed: Arc<dyn Backend> =
+                    Arc::new(SealedBackend::new(backend, k.keys().clone()));
+                (sealed, Some(k.keys().clone()), Some(enc.key_id.clone()))
+            }
+        };
         let set = IndexSet::load(&*backend)?;
         let seq = set
             .files()
@@ -183,6 +298,7 @@ impl Repository {
                 id: rec.id,
                 compression,
                 pack_target: rec.pack_target as usize,
+                key_id,
             },
             backend,
             index: RwLock::new(Arc::new(set)),
@@ -199,7 +315,22 @@ impl Repository {
             added_blobs: AtomicU64::new(0),
             added_bytes: AtomicU64::new(0),
             damaged: RwLock::new(std::collections::HashSet::new()),
+            keys,
         })
+    }
+
+    /// The id of a blob of these bytes here: their BLAKE3 hash, keyed in an encrypted
+    /// repository.
+    pub fn id_of(&self, data: &[u8]) -> Hash {
+        match &self.keys {
+            Some(k) => k.id_of(data),
+            None => Hash::of(data),
+        }
+    }
+
+    /// Whether blob ids are the plain BLAKE3 of the bytes (what replication streams carry).
+    pub fn plain_ids(&self) -> bool {
+        self.keys.is_none()
     }
 
     /// Blobs and stored bytes put through this handle since it was opened (not counting
@@ -348,7 +479,7 @@ impl Repository {
         }
         let raw = compress::decompress(e.entry.codec, stored, e.entry.raw_len as usize)
             .map_err(|why| damaged(h, why))?;
-        if Hash::of(&raw) != *h {
+        if self.id_of(&raw) != *h {
             return Err(damaged(h, "bytes do not match the hash"));
         }
         Ok(raw)
@@ -468,7 +599,7 @@ impl Repository {
                 data.len()
             )));
         }
-        let hash = Hash::of(data);
+        let hash = self.id_of(data);
         if self.contains(&hash)? && !self.is_damaged(&hash) {
             return Ok(Prepared::Held(hash));
         }
@@ -576,5 +707,7 @@ pub use transfer::StoredBlob;
 
 #[cfg(test)]
 mod points;
+#[cfg(test)]
+mod sealed_tests;
 #[cfg(test)]
 mod tests;

@@ -33,7 +33,7 @@ impl Repository {
     /// # Errors
     /// I/O failures.
     pub fn store_again(&self, kind: BlobKind, hash: &Hash, data: &[u8]) -> Result<bool> {
-        if Hash::of(data) != *hash {
+        if self.id_of(data) != *hash {
             return Ok(false);
         }
         let _gc = self.gc_lock.read();

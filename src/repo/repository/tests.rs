@@ -42,7 +42,7 @@ fn init_open_and_config_checks() {
     ));
     // A newer major version of the config is refused with a clear error.
     let mut c = b.get(CONFIG_NAME).unwrap();
-    c[8] = 3;
+    c[8] = 4;
     let h = crate::format::crc(&c[..24]);
     c[24..28].copy_from_slice(&h.to_le_bytes());
     b.overwrite(CONFIG_NAME, c);
