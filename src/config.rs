@@ -94,6 +94,33 @@ pub struct S3Config {
     pub path_style: Option<bool>,
     /// A TOML file with `access_key_id` and `secret_access_key`, mode 0600.
     pub credentials_file: Option<PathBuf>,
+    /// Bytes of the local read cache (`STORE/cache/s3/`): a number with an optional K, M, G
+    /// or T suffix (powers of 1024); 0 turns the cache off. Default 1G.
+    pub cache_size: Option<String>,
+}
+
+/// A size in bytes: digits with an optional K, M, G or T suffix (powers of 1024).
+///
+/// # Errors
+/// A message naming the value.
+pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim();
+    let bad = || format!("size {s:?}: want a number with an optional K, M, G or T suffix");
+    let (num, shift) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return Err(bad()),
+            };
+            (&t[..i], shift)
+        }
+        _ => (t, 0),
+    };
+    let n: u64 = num.trim().parse().map_err(|_| bad())?;
+    n.checked_mul(1u64 << shift).ok_or_else(bad)
 }
 
 impl Config {
@@ -121,6 +148,9 @@ impl Config {
         let c: Config = toml::from_str(text).map_err(|e| e.message().to_string())?;
         if let Some(r) = &c.retention {
             r.validate()?;
+        }
+        if let Some(s) = &c.s3.cache_size {
+            parse_size(s).map_err(|why| format!("[s3] cache_size: {why}"))?;
         }
         Ok(c)
     }

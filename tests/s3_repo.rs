@@ -374,3 +374,180 @@ fn s3_init_refuses_bad_settings() {
     let err = init("s3://bucket/p", &down);
     assert!(err.contains("attempts") && !err.contains("\"s\""), "{err}");
 }
+
+/// Bytes of the cache files under `dir` and their number.
+fn cache_files(dir: &std::path::Path) -> (u64, usize) {
+    let mut n = (0, 0);
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if !e.file_name().to_string_lossy().starts_with('.') {
+                n.0 += e.metadata().unwrap().len();
+                n.1 += 1;
+            }
+        }
+    }
+    n
+}
+
+#[test]
+fn s3_read_cache_fetches_segments_once_and_never_gives_wrong_bytes() {
+    use vmref::s3::cache::{CachedBackend, SEGMENT};
+    let test = "s3_read_cache_fetches_segments_once_and_never_gives_wrong_bytes";
+    let Some(g) = Garage::start(test) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let cdir = dir.path().join("cache");
+    let mut rng = Rng(test_seed(test) | 1);
+    // 3 MiB and a bit: four segments, the last one short.
+    let mut obj = vec![0u8; 3 * SEGMENT as usize + 1000];
+    rng.fill(&mut obj);
+    let name = "packs/ab/0123456789abcdef";
+    assert!(g.backend("cache").put_if_absent(name, &obj).unwrap());
+    let cached = |cap: u64| CachedBackend::new(g.backend("cache"), &cdir, cap).unwrap();
+
+    // A sequential reader in 64 KiB steps: each segment is fetched once (by the reader or
+    // ahead of it), not once a read.
+    let c = cached(64 << 20);
+    let step = 64 << 10;
+    for off in (0..obj.len()).step_by(step) {
+        let len = step.min(obj.len() - off);
+        assert_eq!(
+            c.get_range(name, off as u64, len).unwrap(),
+            &obj[off..off + len],
+            "at {off}"
+        );
+    }
+    let (gets, bytes) = c.fetches();
+    assert!(gets <= 5, "{gets} fetches for 4 segments");
+    assert_eq!(bytes, obj.len() as u64, "each byte fetched once");
+    // Past the end is a truncation, never zeros; the same object read again costs nothing.
+    let e = c.get_range(name, obj.len() as u64 - 10, 20).unwrap_err();
+    assert!(
+        matches!(e, vmref::Error::Format { .. }) && !is_missing(&e),
+        "{e}"
+    );
+    let g0 = c.fetches().0;
+    assert_eq!(
+        c.get_range(name, SEGMENT - 5, 10).unwrap(),
+        &obj[SEGMENT as usize - 5..SEGMENT as usize + 5]
+    );
+    assert_eq!(c.fetches().0, g0);
+    drop(c);
+
+    // Another process (a new backend on the same directory) uses the files: no fetch.
+    let c = cached(64 << 20);
+    assert_eq!(c.get_range(name, 100, 5000).unwrap(), &obj[100..5100]);
+    assert_eq!(c.fetches().0, 0);
+    drop(c);
+
+    // A damaged cache file is never served: its CRC fails, it is fetched again.
+    let (_, files) = cache_files(&cdir);
+    assert_eq!(files, 4);
+    let seg1 = cdir.join(format!("{}@1", name.replace('/', "%")));
+    common::flip(&seg1, 16 + 777);
+    let c = cached(64 << 20);
+    let s = SEGMENT as usize;
+    assert_eq!(c.get_range(name, s as u64, s).unwrap(), &obj[s..2 * s]);
+    assert_eq!(c.fetches().0, 1, "the damaged segment was fetched again");
+    // A truncated one too.
+    drop(c);
+    let f = std::fs::OpenOptions::new().write(true).open(&seg1).unwrap();
+    f.set_len(100).unwrap();
+    let c = cached(64 << 20);
+    assert_eq!(
+        c.get_range(name, s as u64 + 50, 1000).unwrap(),
+        &obj[s + 50..s + 1050]
+    );
+    drop(c);
+
+    // Bounded: with room for one segment, random reads stay exact and the files stay under it.
+    std::fs::remove_dir_all(&cdir).unwrap();
+    let c = cached(SEGMENT + 4096);
+    for _ in 0..40 {
+        let off = rng.below(obj.len() as u64) as usize;
+        let len = (rng.below(300_000) as usize + 1).min(obj.len() - off);
+        assert_eq!(
+            c.get_range(name, off as u64, len).unwrap(),
+            &obj[off..off + len]
+        );
+    }
+    assert!(c.cached_bytes() <= SEGMENT + 4096, "{}", c.cached_bytes());
+    let (on_disk, files) = cache_files(&cdir);
+    assert!(
+        files <= 1 && on_disk <= SEGMENT + 16,
+        "{files} files, {on_disk} bytes"
+    );
+
+    // A deleted object goes from the cache with it.
+    c.delete(name).unwrap();
+    assert_eq!(cache_files(&cdir).1, 0);
+    assert!(is_missing(&c.get_range(name, 0, 10).unwrap_err()));
+}
+
+#[test]
+fn s3_restore_and_mount_read_through_the_cache() {
+    let test = "s3_restore_and_mount_read_through_the_cache";
+    let Some(g) = Garage::start(test) else {
+        return;
+    };
+    let mut rng = Rng(test_seed(test) | 1);
+    let mut e = s3_env(&g, "rcache", &mut rng, &["--compression", "none"]);
+    let mut big = vec![0u8; SIZE - 3 * BS];
+    rng.fill(&mut big);
+    e.write(&[(BS as u64, big)]);
+    e.ok(&["backup", "r0"]);
+    let r0 = e.model.clone();
+    let cdir = e.store.join("cache/s3");
+    assert_same("r0", &e.restore("r0"), &r0);
+    let (bytes, files) = cache_files(&cdir);
+    assert!(
+        files > 0 && bytes >= SIZE as u64 / 2,
+        "the restore filled the cache: {files} files, {bytes} bytes"
+    );
+    // Every cache file damaged: restores are still exact (each file fails its check and is
+    // fetched again), and verify, which reads the bucket, finds nothing wrong.
+    for f in std::fs::read_dir(&cdir).unwrap().flatten() {
+        common::flip(&f.path(), 16 + 4096);
+    }
+    assert_same("r0", &e.restore("r0"), &r0);
+    e.ok(&["verify"]);
+    // A pack lost from the bucket while the cache still holds it: verify reads the bucket
+    // and names it, though restores still get good bytes from the cache.
+    let b = g.backend("rcache");
+    let packs = b.list("packs/").unwrap();
+    // The largest pack: the data blocks'.
+    let lost = packs
+        .iter()
+        .max_by_key(|p| b.size(p).unwrap())
+        .unwrap()
+        .clone();
+    b.delete(&lost).unwrap();
+    let out = e.verify_fails(&[]);
+    assert!(out.contains(&lost), "verify names {lost}: {out}");
+    // With the cache off (cold), the lost pack reads as EIO through the mount.
+    if fuse_ok(test) {
+        std::fs::remove_dir_all(&cdir).unwrap();
+        let mnt = e.path("mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        let mut c = e.cmd(&["mount", mnt.to_str().unwrap()]);
+        c.env("VMREF_S3_CACHE_SIZE", "0");
+        assert!(c.status().unwrap().success());
+        let _guard = MountGuard {
+            mnt: mnt.clone(),
+            pid: daemon_pid(&e.store),
+            child: None,
+        };
+        let f = std::fs::File::open(mnt.join("r0/disk0.img")).unwrap();
+        // One block only: the kernel retries a failed read page by page, each a request.
+        let mut buf = vec![0u8; BS];
+        let err = f.read_exact_at(&mut buf, BS as u64).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc_eio()), "{err}");
+        drop(f);
+        e.ok(&["umount", mnt.to_str().unwrap()]);
+    }
+}
+
+fn libc_eio() -> i32 {
+    5
+}
