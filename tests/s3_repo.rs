@@ -551,3 +551,105 @@ fn s3_restore_and_mount_read_through_the_cache() {
 fn libc_eio() -> i32 {
     5
 }
+
+/// Bytes of `model` in 4 KiB pages that are not all zeros: what a sparse copy allocates.
+fn data_pages(model: &[u8]) -> u64 {
+    model
+        .chunks(4096)
+        .filter(|p| p.iter().any(|&b| b != 0))
+        .count() as u64
+        * 4096
+}
+
+/// The acceptance scenario of the local backup tests, with the repository on Garage: a full
+/// backup and 30 incrementals, every point read through the mount (`cmp`), every eighth by
+/// `qemu-img compare`, `cp --sparse=always` and `rsync --sparse` as well, restores, `verify`,
+/// a prune while mounted, and `status` naming the repository and never the secret.
+#[test]
+fn s3_acceptance_full_30_incrementals_mount_copy_restore_verify_prune() {
+    use std::os::unix::fs::MetadataExt;
+    let test = "s3_acceptance_full_30_incrementals_mount_copy_restore_verify_prune";
+    if !fuse_ok(test) {
+        return;
+    }
+    let Some(g) = Garage::start(test) else {
+        return;
+    };
+    let mut rng = Rng(test_seed(test) | 1);
+    let mut e = s3_env(&g, "accept", &mut rng, &[]);
+    let mut points: Vec<(String, std::path::PathBuf)> = Vec::new();
+    for i in 0..=30 {
+        if i > 0 {
+            e.random_writes(&mut rng, 6);
+        }
+        let name = format!("p{i:02}");
+        let out = e.ok(&["backup", &name]);
+        assert!(
+            out.contains(if i == 0 { "full" } else { "incremental" }),
+            "{name}: {out}"
+        );
+        let saved = e.path(&format!("{name}.saved"));
+        std::fs::write(&saved, &e.model).unwrap();
+        points.push((name, saved));
+    }
+    let status = e.ok(&["status"]);
+    assert!(
+        status.contains(&format!("repository: s3://{BUCKET}/accept")),
+        "{status}"
+    );
+    assert!(!status.contains(SECRET_KEY), "{status}");
+
+    let mnt = e.path("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    e.ok(&["mount", mnt.to_str().unwrap()]);
+    let _guard = MountGuard {
+        mnt: mnt.clone(),
+        pid: daemon_pid(&e.store),
+        child: None,
+    };
+    let img = |p: &str| mnt.join(p).join("disk0.img");
+    for (i, (name, saved)) in points.iter().enumerate() {
+        let (is, ss) = (img(name), saved.to_str().unwrap().to_string());
+        let is = is.to_str().unwrap();
+        common::run_ok("cmp", &[is, &ss]);
+        assert_eq!(std::fs::metadata(is).unwrap().len(), SIZE as u64, "{name}");
+        if i % 8 != 3 {
+            continue;
+        }
+        common::run_ok("qemu-img", &["compare", "-f", "raw", "-F", "raw", is, &ss]);
+        let want = std::fs::read(saved).unwrap();
+        for (tool, flag) in [("cp", "--sparse=always"), ("rsync", "--sparse")] {
+            let out = e.path(&format!("{name}.{tool}"));
+            common::run_ok(tool, &[flag, is, out.to_str().unwrap()]);
+            common::run_ok("cmp", &[out.to_str().unwrap(), &ss]);
+            let alloc = std::fs::metadata(&out).unwrap().blocks() * 512;
+            assert!(
+                alloc <= data_pages(&want) + (1 << 20),
+                "{name}: the {tool} copy allocates {alloc} bytes for {} of data",
+                data_pages(&want)
+            );
+            std::fs::remove_file(&out).unwrap();
+        }
+    }
+    for (name, saved) in points.iter().step_by(10) {
+        assert_same(name, &e.restore(name), &std::fs::read(saved).unwrap());
+    }
+    e.ok(&["verify"]);
+
+    // Pruned while mounted: gone at once from the mount and the bucket's collection ran;
+    // the kept points still read, restore and verify exactly.
+    let before = e.space();
+    let out = e.ok(&["prune", "--keep-last", "5"]);
+    assert!(out.contains("pruned 26 point(s)"), "{out}");
+    let kept = points.split_off(points.len() - 5);
+    for (name, _) in &points {
+        assert!(!img(name).exists(), "{name} pruned but still there");
+    }
+    assert!(e.space().stored_bytes < before.stored_bytes, "the collection freed nothing");
+    for (name, saved) in &kept {
+        common::run_ok("cmp", &[img(name).to_str().unwrap(), saved.to_str().unwrap()]);
+        assert_same(name, &e.restore(name), &std::fs::read(saved).unwrap());
+    }
+    e.ok(&["verify"]);
+    e.ok(&["umount", mnt.to_str().unwrap()]);
+}
