@@ -274,9 +274,33 @@ fn s3_server_killed_under_a_backup() {
         assert_eq!(e.restorable(), vec!["k0", "k1"], "no point committed");
     }
     g.restart();
+    // Consistent before anything repairs it: every committed point verifies and restores,
+    // and what the failed backup uploaded is only garbage nothing names.
+    e.ok(&["verify"]);
+    let committed = e.restorable();
     e.ok(&["backup", "k3"]);
     e.ok(&["verify"]);
     assert_same("k3", &e.restore("k3"), &e.model);
+    // A collection over the leftovers trips over nothing and keeps every point whole.
+    let before = g.backend("kill").list("packs/").unwrap().len();
+    e.ok(&["ref", "delete", "k0"]);
+    let mut want: Vec<String> = committed.into_iter().filter(|p| p != "k0").collect();
+    want.push("k3".into());
+    assert_eq!(e.restorable(), want);
+    e.ok(&["verify"]);
+    assert_same("k3", &e.restore("k3"), &e.model);
+    let after = g.backend("kill").list("packs/").unwrap().len();
+    assert!(
+        after <= before,
+        "{before} packs before the collection, {after} after"
+    );
+    // The server gone under a restore and a verify: each fails in one clear line.
+    g.kill();
+    let err = e.restore_fails("k3");
+    one_clear_line(&err);
+    let o = e.run(&["verify"]);
+    assert!(!o.status.success());
+    one_clear_line(&String::from_utf8_lossy(&o.stderr));
 }
 
 #[test]
@@ -645,9 +669,15 @@ fn s3_acceptance_full_30_incrementals_mount_copy_restore_verify_prune() {
     for (name, _) in &points {
         assert!(!img(name).exists(), "{name} pruned but still there");
     }
-    assert!(e.space().stored_bytes < before.stored_bytes, "the collection freed nothing");
+    assert!(
+        e.space().stored_bytes < before.stored_bytes,
+        "the collection freed nothing"
+    );
     for (name, saved) in &kept {
-        common::run_ok("cmp", &[img(name).to_str().unwrap(), saved.to_str().unwrap()]);
+        common::run_ok(
+            "cmp",
+            &[img(name).to_str().unwrap(), saved.to_str().unwrap()],
+        );
         assert_same(name, &e.restore(name), &std::fs::read(saved).unwrap());
     }
     e.ok(&["verify"]);
