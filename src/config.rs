@@ -203,6 +203,21 @@ mod tests {
     }
 
     #[test]
+    fn sizes_parse_with_suffixes_and_bad_ones_fail() {
+        assert_eq!(parse_size("0"), Ok(0));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64K"), Ok(64 << 10));
+        assert_eq!(parse_size("1g"), Ok(1 << 30));
+        assert_eq!(parse_size(" 2 T "), Ok(2 << 40));
+        for bad in ["", "G", "1.5G", "-1", "1P", "1KB", "99999999999T"] {
+            assert!(parse_size(bad).is_err(), "{bad:?}");
+        }
+        assert!(Config::parse("[s3]\ncache_size = \"512M\"\n").is_ok());
+        let e = Config::parse("[s3]\ncache_size = \"lots\"\n").unwrap_err();
+        assert!(e.contains("cache_size"), "{e}");
+    }
+
+    #[test]
     fn retention_table_needs_a_valid_rule() {
         let c = Config::parse("[retention]\nkeep_daily = 7\nkeep_weekly = 4\n").unwrap();
         let r = c.retention.unwrap();

@@ -443,7 +443,12 @@ fn s3_read_cache_fetches_segments_once_and_never_gives_wrong_bytes() {
         );
     }
     let (gets, bytes) = c.fetches();
-    assert!(gets <= 5, "{gets} fetches for 4 segments");
+    // Read-ahead may probe a few segments past the end before a short one shows where it
+    // is (empty answers): never more than one window of them.
+    assert!(
+        gets <= 4 + vmref::s3::cache::READ_AHEAD,
+        "{gets} fetches for 4 segments"
+    );
     assert_eq!(bytes, obj.len() as u64, "each byte fetched once");
     // Past the end is a truncation, never zeros; the same object read again costs nothing.
     let e = c.get_range(name, obj.len() as u64 - 10, 20).unwrap_err();

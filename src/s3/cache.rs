@@ -473,13 +473,22 @@ impl Inner {
                 return;
             }
             let end = st.ends.get(name).copied().unwrap_or(u64::MAX);
-            (seg + 1..=seg + READ_AHEAD)
-                .filter(|&s| s < end)
-                .filter(|&s| {
-                    let k = key(name, s);
-                    !st.lru.contains(&k) && !st.fetching.contains(&k)
-                })
-                .collect()
+            let mut ahead = Vec::new();
+            for s in seg + 1..(seg + 1 + READ_AHEAD).min(end) {
+                // A cached short segment (found on disk by this process) ends the object too.
+                if st
+                    .lru
+                    .peek(&key(name, s - 1))
+                    .is_some_and(|e| e.len < SEGMENT)
+                {
+                    break;
+                }
+                let k = key(name, s);
+                if !st.lru.contains(&k) && !st.fetching.contains(&k) {
+                    ahead.push(s);
+                }
+            }
+            ahead
         };
         if ahead.is_empty() {
             return;
