@@ -541,20 +541,47 @@ fn s3_restore_and_mount_read_through_the_cache() {
     }
     assert_same("r0", &e.restore("r0"), &r0);
     e.ok(&["verify"]);
-    // A pack lost from the bucket while the cache still holds it: verify reads the bucket
-    // and names it, though restores still get good bytes from the cache.
+    // The data pack (the largest) damaged in the bucket while the cache holds a good copy:
+    // restores still get good bytes from the cache; verify reads the bucket and names the
+    // block and the pack.
     let b = g.backend("rcache");
     let packs = b.list("packs/").unwrap();
-    // The largest pack: the data blocks'.
-    let lost = packs
+    let data_pack = packs
         .iter()
         .max_by_key(|p| b.size(p).unwrap())
         .unwrap()
         .clone();
-    b.delete(&lost).unwrap();
+    let pack_id = data_pack.rsplit('/').next().unwrap().to_string();
+    let mut bytes = b.get(&data_pack).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x5a;
+    b.delete(&data_pack).unwrap();
+    assert!(b.put_if_absent(&data_pack, &bytes).unwrap());
+    assert_same("r0 (cached)", &e.restore("r0"), &r0);
     let out = e.verify_fails(&[]);
-    assert!(out.contains(&lost), "verify names {lost}: {out}");
-    // With the cache off (cold), the lost pack reads as EIO through the mount.
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("damaged: point r0 disk disk0 block "))
+        .unwrap_or_else(|| panic!("verify names a block: {out}"));
+    assert!(
+        line.contains(&pack_id),
+        "verify names pack {pack_id}: {line}"
+    );
+    let block: usize = line["damaged: point r0 disk disk0 block ".len()..]
+        .split(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+
+    // The same pack lost from the bucket: verify names it as missing, and with the cache off
+    // (cold) its blocks read as EIO through the mount.
+    b.delete(&data_pack).unwrap();
+    let out = e.verify_fails(&[]);
+    assert!(
+        out.contains(&data_pack) && out.contains("missing"),
+        "verify names {data_pack}: {out}"
+    );
     if fuse_ok(test) {
         std::fs::remove_dir_all(&cdir).unwrap();
         let mnt = e.path("mnt");
@@ -570,8 +597,8 @@ fn s3_restore_and_mount_read_through_the_cache() {
         let f = std::fs::File::open(mnt.join("r0/disk0.img")).unwrap();
         // One block only: the kernel retries a failed read page by page, each a request.
         let mut buf = vec![0u8; BS];
-        let err = f.read_exact_at(&mut buf, BS as u64).unwrap_err();
-        assert_eq!(err.raw_os_error(), Some(libc_eio()), "{err}");
+        let err = f.read_exact_at(&mut buf, (block * BS) as u64).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc_eio()), "block {block}: {err}");
         drop(f);
         e.ok(&["umount", mnt.to_str().unwrap()]);
     }
