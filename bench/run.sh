@@ -8,11 +8,12 @@
 #   --quick: tiny sizes, about two minutes; proves the benchmark still works, never judges speed.
 #
 # Needs root (mounts, drop_caches, apt-get). Installs fio, qemu-utils, restic, borgbackup and
-# time if missing. Knobs: SECTIONS (a subset of "backup reads restore live meta space scale replicate";
+# time if missing. Knobs: SECTIONS (a subset of "backup reads restore live meta space scale replicate s3";
 # a subset run replaces only those sections' rows in the result file), DISK (bytes of the data
 # disk), BIG (bytes of the sparse disk), SPACE_DISK and SPACE_FILES (bytes of the ext4 image and
 # of the files in it), SCALE_BIG (bytes of the scale section's big disk), REP_DISK (bytes of the
-# replicate section's image, a multiple of 128 MiB), REPS, RUNTIME (s per
+# replicate section's image, a multiple of 128 MiB), S3_DISK (bytes of the s3 section's disk;
+# the section needs garage in PATH or ~/.cargo/bin and is skipped, saying so, without it), REPS, RUNTIME (s per
 # fio job), DATA (half: each 4 KiB of the data disk half random, half zeros; random),
 # COMPRESSION (vmref init --compression of the data disk's store), KEEP=1 keeps the work directory. See bench/README.md for what every row measures.
 set -euo pipefail
@@ -27,7 +28,7 @@ else
     DISK=${DISK:-$((2 * GIB))}; BIG=${BIG:-$((1024 * GIB))}; REPS=${REPS:-3}; RUNTIME=${RUNTIME:-2}
     RESULT=bench/results/latest.md
 fi
-ALL_SECTIONS="backup reads restore live meta space scale replicate"
+ALL_SECTIONS="backup reads restore live meta space scale replicate s3"
 SECTIONS=${SECTIONS:-$ALL_SECTIONS}
 for sec in $SECTIONS; do
     case " $ALL_SECTIONS " in *" $sec "*) ;; *) echo "bench/run.sh: unknown section $sec (known: $ALL_SECTIONS)" >&2; exit 2 ;; esac
@@ -35,10 +36,10 @@ done
 want() { case " $SECTIONS " in *" $1 "*) return 0 ;; esac; return 1; }
 if [ $QUICK = 1 ]; then
     SPACE_DISK=${SPACE_DISK:-$((64 << 20))}; SPACE_FILES=${SPACE_FILES:-$((20 << 20))}; SCALE_BIG=${SCALE_BIG:-$GIB}
-    REP_DISK=${REP_DISK:-$((128 << 20))}
+    REP_DISK=${REP_DISK:-$((128 << 20))}; S3_DISK=${S3_DISK:-$((32 << 20))}
 else
     SPACE_DISK=${SPACE_DISK:-$((2 * GIB))}; SPACE_FILES=${SPACE_FILES:-$((1126 << 20))}; SCALE_BIG=${SCALE_BIG:-$((1024 * GIB))}
-    REP_DISK=${REP_DISK:-$((4 * GIB))}
+    REP_DISK=${REP_DISK:-$((4 * GIB))}; S3_DISK=${S3_DISK:-$((512 << 20))}
 fi
 DEPTHS="1 10 100"
 DATA=${DATA:-half}          # the data disk's bytes: half (each 4 KiB half random, half zeros) or random
@@ -79,6 +80,7 @@ cleanup() {
     for m in "${MOUNTS[@]}"; do
         if mountpoint -q "$m"; then umount "$m" 2>/dev/null || umount -l "$m"; fi
     done
+    [ -n "${GARAGE_PID:-}" ] && kill "$GARAGE_PID" 2>/dev/null
     for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null; done
     rm -rf "$OUT"
     if [ "${KEEP:-0}" = 1 ]; then echo "kept $WORK" >&2; else rm -rf "$WORK"; fi
@@ -702,6 +704,102 @@ rec replicate "full: receive --input --apply disk0=REPLICA (new replica), + sync
 rec replicate "incremental: receive --input --apply disk0=REPLICA (replica at FULL, applied in place), + sync, time (one run)" "$RIA" s "receive --input, no --apply" "$RIN" ""
 rm -rf "$R"
 fi   # replicate
+
+# ---------- s3: the same disk backed up to a local repository and to one on Garage ----------
+if want s3; then
+GARAGE=$(command -v garage || true)
+[ -z "$GARAGE" ] && [ -x "$HOME/.cargo/bin/garage" ] && GARAGE=$HOME/.cargo/bin/garage
+if [ -z "$GARAGE" ]; then
+    log "s3: SKIPPED: garage missing (cargo install garage, or put it in PATH)"
+else
+G=$WORK/garage
+mkdir -p "$G"
+read -r G_S3 G_RPC < <(python3 -c 'import socket
+def p():
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
+print(p(), p())')
+cat > "$G/garage.toml" <<TOML
+metadata_dir = "$G/meta"
+data_dir = "$G/data"
+db_engine = "sqlite"
+replication_factor = 1
+rpc_bind_addr = "127.0.0.1:$G_RPC"
+rpc_public_addr = "127.0.0.1:$G_RPC"
+rpc_secret = "$(printf 'ab%.0s' $(seq 32))"
+[s3_api]
+s3_region = "garage"
+api_bind_addr = "127.0.0.1:$G_S3"
+TOML
+GARAGE_DEFAULT_ACCESS_KEY=GK0123456789abcdef01234567 \
+GARAGE_DEFAULT_SECRET_KEY=$(printf '0f%.0s' $(seq 32)) \
+GARAGE_DEFAULT_BUCKET=vmref-bench RUST_LOG=warn \
+    "$GARAGE" -c "$G/garage.toml" server --single-node --default-bucket > "$G/log" 2>&1 &
+GARAGE_PID=$!
+export AWS_ENDPOINT_URL=http://127.0.0.1:$G_S3 AWS_REGION=garage
+export AWS_ACCESS_KEY_ID=GK0123456789abcdef01234567 AWS_SECRET_ACCESS_KEY=$(printf '0f%.0s' $(seq 32))
+SL=$WORK/s3-local; SR=$WORK/s3-remote
+# init writes the repository's config object: retried until the server answers.
+for _ in $(seq 100); do
+    "$V" -q --store "$SR" init --block-size 64K --repository s3://vmref-bench/run >/dev/null 2>&1 && break
+    sleep 0.2
+done
+[ -f "$SR/vmref.store" ] || { echo "bench/run.sh: s3: garage did not come up:" >&2; cat "$G/log" >&2; exit 1; }
+"$V" -q --store "$SL" init --block-size 64K >/dev/null
+log "s3: a $((S3_DISK >> 20)) MiB disk (half random, half zeros) backed up to $SL and to s3://vmref-bench/run on Garage"
+python3 - "$WORK/s3-l.img" "$S3_DISK" <<'PY'
+import os, random, sys
+path, size = sys.argv[1], int(sys.argv[2])
+rng, z = random.Random(3), bytes(2048)
+with open(path, "wb") as f:
+    for _ in range(size // (4 << 20)):
+        r = rng.randbytes(2 << 20)
+        f.write(b"".join(r[i:i + 2048] + z for i in range(0, len(r), 2048)))
+    os.fsync(f.fileno())
+PY
+cp "$WORK/s3-l.img" "$WORK/s3-r.img"
+"$V" -q --store "$SL" disk add disk0 "$WORK/s3-l.img" >/dev/null
+"$V" -q --store "$SR" disk add disk0 "$WORK/s3-r.img" >/dev/null
+sync
+S3_FULL_L=$(secs_sync "$V" -q --store "$SL" backup FULL)
+S3_FULL_R=$(secs_sync "$V" -q --store "$SR" backup FULL)
+stored() { "$V" -q --store "$1" status --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["space"]["stored_bytes"])'; }
+S3_B0=$(stored "$SR")
+"$W" plan "$S3_DISK" $((S3_DISK / 100)) "$EXT" 31 > "$WORK/s3.plan"
+"$W" apply "$SL" disk0 "$WORK/s3.plan" 31
+"$W" apply "$SR" disk0 "$WORK/s3.plan" 31
+S3_CHANGED=$(awk '{ s += $2 } END { print s }' "$WORK/s3.plan")
+S3_INC_L=$(secs_sync "$V" -q --store "$SL" backup INC)
+S3_INC_R=$(secs_sync "$V" -q --store "$SR" backup INC)
+S3_SENT=$(( $(stored "$SR") - S3_B0 ))
+log "s3: restores and cold sequential reads through the mount ($REPS x each)"
+RL=""; RR=""; ML=""; MR=""
+for _ in $(seq "$REPS"); do
+    rm -f "$OUT/s3-restore.img"; drop_all_caches
+    RL+="$(secs_sync "$V" -q --store "$SL" restore INC --disk disk0 --to "$OUT/s3-restore.img") "
+    rm -f "$OUT/s3-restore.img"; rm -rf "$SR/cache"; drop_all_caches
+    RR+="$(secs_sync "$V" -q --store "$SR" restore INC --disk disk0 --to "$OUT/s3-restore.img") "
+    if ! cmp -s "$OUT/s3-restore.img" "$WORK/s3-r.img"; then
+        echo "bench/run.sh: s3: INC restored from Garage differs from the disk" >&2; exit 1
+    fi
+    rm -f "$OUT/s3-restore.img"
+done
+for st in "$SL" "$SR"; do mkdir -p "$st.mnt"; "$V" -q --store "$st" mount "$st.mnt"; MOUNTS+=("$st.mnt"); done
+for _ in $(seq "$REPS"); do
+    drop_all_caches; ML+="$(dd_bw "$SL.mnt/INC/disk0.img") "
+    rm -rf "$SR/cache"; drop_all_caches; MR+="$(dd_bw "$SR.mnt/INC/disk0.img") "
+done
+cmp "$SR.mnt/INC/disk0.img" "$WORK/s3-r.img" || { echo "bench/run.sh: s3: INC through the mount differs" >&2; exit 1; }
+for st in "$SL" "$SR"; do "$V" -q --store "$st" umount "$st.mnt"; done
+info="$((S3_DISK >> 20)) MiB disk, 64 KiB blocks, Garage on loopback"
+rec s3 "full backup to Garage ($info; logical bytes / time, + sync)" "$(python3 -c "print($S3_DISK / $S3_FULL_R)")" Bps "to a local repository" "$(python3 -c "print($S3_DISK / $S3_FULL_L)")" ""
+rec s3 "incremental backup (1 % of blocks rewritten) to Garage, time" "$S3_INC_R" s "to a local repository" "$S3_INC_L" ""
+rec s3 "incremental: bytes uploaded (packs and index objects added)" "$S3_SENT" B "bytes changed" "$S3_CHANGED" "r<=1.1"
+rec s3 "restore from Garage, cold cache (logical bytes / time)" "$(python3 -c "print($S3_DISK / $(median $RR))")" Bps "from a local repository, cold page cache" "$(python3 -c "print($S3_DISK / $(median $RL))")" ""
+rec s3 "cold sequential read through the mount (dd bs=1M), Garage, empty cache" "$(median $MR)" Bps "local repository, cold page cache" "$(median $ML)" ""
+kill "$GARAGE_PID"; wait "$GARAGE_PID" 2>/dev/null || true; GARAGE_PID=
+unset AWS_ENDPOINT_URL AWS_REGION AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY
+fi
+fi   # s3
 
 # ---------- the table ----------
 mkdir -p bench/results

@@ -94,6 +94,33 @@ pub struct S3Config {
     pub path_style: Option<bool>,
     /// A TOML file with `access_key_id` and `secret_access_key`, mode 0600.
     pub credentials_file: Option<PathBuf>,
+    /// Bytes of the local read cache (`STORE/cache/s3/`): a number with an optional K, M, G
+    /// or T suffix (powers of 1024); 0 turns the cache off. Default 1G.
+    pub cache_size: Option<String>,
+}
+
+/// A size in bytes: digits with an optional K, M, G or T suffix (powers of 1024).
+///
+/// # Errors
+/// A message naming the value.
+pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim();
+    let bad = || format!("size {s:?}: want a number with an optional K, M, G or T suffix");
+    let (num, shift) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return Err(bad()),
+            };
+            (&t[..i], shift)
+        }
+        _ => (t, 0),
+    };
+    let n: u64 = num.trim().parse().map_err(|_| bad())?;
+    n.checked_mul(1u64 << shift).ok_or_else(bad)
 }
 
 impl Config {
@@ -121,6 +148,9 @@ impl Config {
         let c: Config = toml::from_str(text).map_err(|e| e.message().to_string())?;
         if let Some(r) = &c.retention {
             r.validate()?;
+        }
+        if let Some(s) = &c.s3.cache_size {
+            parse_size(s).map_err(|why| format!("[s3] cache_size: {why}"))?;
         }
         Ok(c)
     }
@@ -170,6 +200,21 @@ mod tests {
         assert_eq!(c.s3.path_style, Some(true), "every [s3] key is documented");
         assert!(c.s3.endpoint.is_some() && c.s3.credentials_file.is_some());
         assert!(Config::parse("nope = 1").is_err());
+    }
+
+    #[test]
+    fn sizes_parse_with_suffixes_and_bad_ones_fail() {
+        assert_eq!(parse_size("0"), Ok(0));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64K"), Ok(64 << 10));
+        assert_eq!(parse_size("1g"), Ok(1 << 30));
+        assert_eq!(parse_size(" 2 T "), Ok(2 << 40));
+        for bad in ["", "G", "1.5G", "-1", "1P", "1KB", "99999999999T"] {
+            assert!(parse_size(bad).is_err(), "{bad:?}");
+        }
+        assert!(Config::parse("[s3]\ncache_size = \"512M\"\n").is_ok());
+        let e = Config::parse("[s3]\ncache_size = \"lots\"\n").unwrap_err();
+        assert!(e.contains("cache_size"), "{e}");
     }
 
     #[test]

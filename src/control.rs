@@ -125,6 +125,10 @@ pub struct Status {
     pub store: PathBuf,
     pub store_id: String,
     pub block_size: u32,
+    /// Where backup data lives: `s3://BUCKET/PREFIX`, or the local repository directory.
+    /// Never credentials: the endpoint and keys are the host's settings, not the store's.
+    #[serde(default)]
+    pub repository: String,
     pub disks: Vec<DiskStatus>,
     /// Reference points of every state.
     pub refs: usize,
@@ -397,6 +401,9 @@ fn engine_status(engine: &Engine) -> Result<Status> {
         store: store.root().to_path_buf(),
         store_id: store.meta().id.clone(),
         block_size: store.block_size(),
+        repository: store
+            .repository()
+            .map_or_else(|| store.repo_dir().display().to_string(), str::to_string),
         disks,
         refs: refs.len(),
         restorable: refs

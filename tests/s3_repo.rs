@@ -274,9 +274,33 @@ fn s3_server_killed_under_a_backup() {
         assert_eq!(e.restorable(), vec!["k0", "k1"], "no point committed");
     }
     g.restart();
+    // Consistent before anything repairs it: every committed point verifies and restores,
+    // and what the failed backup uploaded is only garbage nothing names.
+    e.ok(&["verify"]);
+    let committed = e.restorable();
     e.ok(&["backup", "k3"]);
     e.ok(&["verify"]);
     assert_same("k3", &e.restore("k3"), &e.model);
+    // A collection over the leftovers trips over nothing and keeps every point whole.
+    let before = g.backend("kill").list("packs/").unwrap().len();
+    e.ok(&["ref", "delete", "k0"]);
+    let mut want: Vec<String> = committed.into_iter().filter(|p| p != "k0").collect();
+    want.push("k3".into());
+    assert_eq!(e.restorable(), want);
+    e.ok(&["verify"]);
+    assert_same("k3", &e.restore("k3"), &e.model);
+    let after = g.backend("kill").list("packs/").unwrap().len();
+    assert!(
+        after <= before,
+        "{before} packs before the collection, {after} after"
+    );
+    // The server gone under a restore and a verify: each fails in one clear line.
+    g.kill();
+    let err = e.restore_fails("k3");
+    one_clear_line(&err);
+    let o = e.run(&["verify"]);
+    assert!(!o.status.success());
+    one_clear_line(&String::from_utf8_lossy(&o.stderr));
 }
 
 #[test]
@@ -373,4 +397,321 @@ fn s3_init_refuses_bad_settings() {
     ];
     let err = init("s3://bucket/p", &down);
     assert!(err.contains("attempts") && !err.contains("\"s\""), "{err}");
+}
+
+/// Bytes of the cache files under `dir` and their number.
+fn cache_files(dir: &std::path::Path) -> (u64, usize) {
+    let mut n = (0, 0);
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if !e.file_name().to_string_lossy().starts_with('.') {
+                n.0 += e.metadata().unwrap().len();
+                n.1 += 1;
+            }
+        }
+    }
+    n
+}
+
+#[test]
+fn s3_read_cache_fetches_segments_once_and_never_gives_wrong_bytes() {
+    use vmref::s3::cache::{CachedBackend, SEGMENT};
+    let test = "s3_read_cache_fetches_segments_once_and_never_gives_wrong_bytes";
+    let Some(g) = Garage::start(test) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let cdir = dir.path().join("cache");
+    let mut rng = Rng(test_seed(test) | 1);
+    // 3 MiB and a bit: four segments, the last one short.
+    let mut obj = vec![0u8; 3 * SEGMENT as usize + 1000];
+    rng.fill(&mut obj);
+    let name = "packs/ab/0123456789abcdef";
+    assert!(g.backend("cache").put_if_absent(name, &obj).unwrap());
+    let cached = |cap: u64| CachedBackend::new(g.backend("cache"), &cdir, cap).unwrap();
+
+    // A sequential reader in 64 KiB steps: each segment is fetched once (by the reader or
+    // ahead of it), not once a read.
+    let c = cached(64 << 20);
+    let step = 64 << 10;
+    for off in (0..obj.len()).step_by(step) {
+        let len = step.min(obj.len() - off);
+        assert_eq!(
+            c.get_range(name, off as u64, len).unwrap(),
+            &obj[off..off + len],
+            "at {off}"
+        );
+    }
+    let (gets, bytes) = c.fetches();
+    // Read-ahead may probe a few segments past the end before a short one shows where it
+    // is (empty answers): never more than one window of them.
+    assert!(
+        gets <= 4 + vmref::s3::cache::READ_AHEAD,
+        "{gets} fetches for 4 segments"
+    );
+    assert_eq!(bytes, obj.len() as u64, "each byte fetched once");
+    // Past the end is a truncation, never zeros; the same object read again costs nothing.
+    let e = c.get_range(name, obj.len() as u64 - 10, 20).unwrap_err();
+    assert!(
+        matches!(e, vmref::Error::Format { .. }) && !is_missing(&e),
+        "{e}"
+    );
+    let g0 = c.fetches().0;
+    assert_eq!(
+        c.get_range(name, SEGMENT - 5, 10).unwrap(),
+        &obj[SEGMENT as usize - 5..SEGMENT as usize + 5]
+    );
+    assert_eq!(c.fetches().0, g0);
+    drop(c);
+
+    // Another process (a new backend on the same directory) uses the files: no fetch.
+    let c = cached(64 << 20);
+    assert_eq!(c.get_range(name, 100, 5000).unwrap(), &obj[100..5100]);
+    assert_eq!(c.fetches().0, 0);
+    drop(c);
+
+    // A damaged cache file is never served: its CRC fails, it is fetched again.
+    let (_, files) = cache_files(&cdir);
+    assert_eq!(files, 4);
+    let seg1 = cdir.join(format!("{}@1", name.replace('/', "%")));
+    common::flip(&seg1, 16 + 777);
+    let c = cached(64 << 20);
+    let s = SEGMENT as usize;
+    assert_eq!(c.get_range(name, s as u64, s).unwrap(), &obj[s..2 * s]);
+    assert_eq!(c.fetches().0, 1, "the damaged segment was fetched again");
+    // A truncated one too.
+    drop(c);
+    let f = std::fs::OpenOptions::new().write(true).open(&seg1).unwrap();
+    f.set_len(100).unwrap();
+    let c = cached(64 << 20);
+    assert_eq!(
+        c.get_range(name, s as u64 + 50, 1000).unwrap(),
+        &obj[s + 50..s + 1050]
+    );
+    drop(c);
+
+    // Bounded: with room for one segment, random reads stay exact and the files stay under it.
+    std::fs::remove_dir_all(&cdir).unwrap();
+    let c = cached(SEGMENT + 4096);
+    for _ in 0..40 {
+        let off = rng.below(obj.len() as u64) as usize;
+        let len = (rng.below(300_000) as usize + 1).min(obj.len() - off);
+        assert_eq!(
+            c.get_range(name, off as u64, len).unwrap(),
+            &obj[off..off + len]
+        );
+    }
+    assert!(c.cached_bytes() <= SEGMENT + 4096, "{}", c.cached_bytes());
+    let (on_disk, files) = cache_files(&cdir);
+    assert!(
+        files <= 1 && on_disk <= SEGMENT + 16,
+        "{files} files, {on_disk} bytes"
+    );
+
+    // A deleted object goes from the cache with it.
+    c.delete(name).unwrap();
+    assert_eq!(cache_files(&cdir).1, 0);
+    assert!(is_missing(&c.get_range(name, 0, 10).unwrap_err()));
+}
+
+#[test]
+fn s3_restore_and_mount_read_through_the_cache() {
+    let test = "s3_restore_and_mount_read_through_the_cache";
+    let Some(g) = Garage::start(test) else {
+        return;
+    };
+    let mut rng = Rng(test_seed(test) | 1);
+    let mut e = s3_env(&g, "rcache", &mut rng, &["--compression", "none"]);
+    let mut big = vec![0u8; SIZE - 3 * BS];
+    rng.fill(&mut big);
+    e.write(&[(BS as u64, big)]);
+    e.ok(&["backup", "r0"]);
+    let r0 = e.model.clone();
+    let cdir = e.store.join("cache/s3");
+    assert_same("r0", &e.restore("r0"), &r0);
+    let (bytes, files) = cache_files(&cdir);
+    assert!(
+        files > 0 && bytes >= SIZE as u64 / 2,
+        "the restore filled the cache: {files} files, {bytes} bytes"
+    );
+    // Every cache file damaged: restores are still exact (each file fails its check and is
+    // fetched again), and verify, which reads the bucket, finds nothing wrong.
+    for f in std::fs::read_dir(&cdir).unwrap().flatten() {
+        common::flip(&f.path(), 16 + 4096);
+    }
+    assert_same("r0", &e.restore("r0"), &r0);
+    e.ok(&["verify"]);
+    // The data pack (the largest) damaged in the bucket while the cache holds a good copy:
+    // restores still get good bytes from the cache; verify reads the bucket and names the
+    // block and the pack.
+    let b = g.backend("rcache");
+    let packs = b.list("packs/").unwrap();
+    let data_pack = packs
+        .iter()
+        .max_by_key(|p| b.size(p).unwrap())
+        .unwrap()
+        .clone();
+    let pack_id = data_pack.rsplit('/').next().unwrap().to_string();
+    let mut bytes = b.get(&data_pack).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x5a;
+    b.delete(&data_pack).unwrap();
+    assert!(b.put_if_absent(&data_pack, &bytes).unwrap());
+    assert_same("r0 (cached)", &e.restore("r0"), &r0);
+    let out = e.verify_fails(&[]);
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("damaged: point r0 disk disk0 block "))
+        .unwrap_or_else(|| panic!("verify names a block: {out}"));
+    assert!(
+        line.contains(&pack_id),
+        "verify names pack {pack_id}: {line}"
+    );
+    let block: usize = line["damaged: point r0 disk disk0 block ".len()..]
+        .split(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+
+    // The same pack lost from the bucket: verify names it as missing, and with the cache off
+    // (cold) its blocks read as EIO through the mount.
+    b.delete(&data_pack).unwrap();
+    let out = e.verify_fails(&[]);
+    assert!(
+        out.contains(&data_pack) && out.contains("missing"),
+        "verify names {data_pack}: {out}"
+    );
+    if fuse_ok(test) {
+        std::fs::remove_dir_all(&cdir).unwrap();
+        let mnt = e.path("mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        let mut c = e.cmd(&["mount", mnt.to_str().unwrap()]);
+        c.env("VMREF_S3_CACHE_SIZE", "0");
+        assert!(c.status().unwrap().success());
+        let _guard = MountGuard {
+            mnt: mnt.clone(),
+            pid: daemon_pid(&e.store),
+            child: None,
+        };
+        let f = std::fs::File::open(mnt.join("r0/disk0.img")).unwrap();
+        // One block only: the kernel retries a failed read page by page, each a request.
+        let mut buf = vec![0u8; BS];
+        let err = f.read_exact_at(&mut buf, (block * BS) as u64).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc_eio()), "block {block}: {err}");
+        drop(f);
+        e.ok(&["umount", mnt.to_str().unwrap()]);
+    }
+}
+
+fn libc_eio() -> i32 {
+    5
+}
+
+/// Bytes of `model` in 4 KiB pages that are not all zeros: what a sparse copy allocates.
+fn data_pages(model: &[u8]) -> u64 {
+    model
+        .chunks(4096)
+        .filter(|p| p.iter().any(|&b| b != 0))
+        .count() as u64
+        * 4096
+}
+
+/// The acceptance scenario of the local backup tests, with the repository on Garage: a full
+/// backup and 30 incrementals, every point read through the mount (`cmp`), every eighth by
+/// `qemu-img compare`, `cp --sparse=always` and `rsync --sparse` as well, restores, `verify`,
+/// a prune while mounted, and `status` naming the repository and never the secret.
+#[test]
+fn s3_acceptance_full_30_incrementals_mount_copy_restore_verify_prune() {
+    use std::os::unix::fs::MetadataExt;
+    let test = "s3_acceptance_full_30_incrementals_mount_copy_restore_verify_prune";
+    if !fuse_ok(test) {
+        return;
+    }
+    let Some(g) = Garage::start(test) else {
+        return;
+    };
+    let mut rng = Rng(test_seed(test) | 1);
+    let mut e = s3_env(&g, "accept", &mut rng, &[]);
+    let mut points: Vec<(String, std::path::PathBuf)> = Vec::new();
+    for i in 0..=30 {
+        if i > 0 {
+            e.random_writes(&mut rng, 6);
+        }
+        let name = format!("p{i:02}");
+        let out = e.ok(&["backup", &name]);
+        assert!(
+            out.contains(if i == 0 { "full" } else { "incremental" }),
+            "{name}: {out}"
+        );
+        let saved = e.path(&format!("{name}.saved"));
+        std::fs::write(&saved, &e.model).unwrap();
+        points.push((name, saved));
+    }
+    let status = e.ok(&["status"]);
+    assert!(
+        status.contains(&format!("repository: s3://{BUCKET}/accept")),
+        "{status}"
+    );
+    assert!(!status.contains(SECRET_KEY), "{status}");
+
+    let mnt = e.path("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    e.ok(&["mount", mnt.to_str().unwrap()]);
+    let _guard = MountGuard {
+        mnt: mnt.clone(),
+        pid: daemon_pid(&e.store),
+        child: None,
+    };
+    let img = |p: &str| mnt.join(p).join("disk0.img");
+    for (i, (name, saved)) in points.iter().enumerate() {
+        let (is, ss) = (img(name), saved.to_str().unwrap().to_string());
+        let is = is.to_str().unwrap();
+        common::run_ok("cmp", &[is, &ss]);
+        assert_eq!(std::fs::metadata(is).unwrap().len(), SIZE as u64, "{name}");
+        if i % 8 != 3 {
+            continue;
+        }
+        common::run_ok("qemu-img", &["compare", "-f", "raw", "-F", "raw", is, &ss]);
+        let want = std::fs::read(saved).unwrap();
+        for (tool, flag) in [("cp", "--sparse=always"), ("rsync", "--sparse")] {
+            let out = e.path(&format!("{name}.{tool}"));
+            common::run_ok(tool, &[flag, is, out.to_str().unwrap()]);
+            common::run_ok("cmp", &[out.to_str().unwrap(), &ss]);
+            let alloc = std::fs::metadata(&out).unwrap().blocks() * 512;
+            assert!(
+                alloc <= data_pages(&want) + (1 << 20),
+                "{name}: the {tool} copy allocates {alloc} bytes for {} of data",
+                data_pages(&want)
+            );
+            std::fs::remove_file(&out).unwrap();
+        }
+    }
+    for (name, saved) in points.iter().step_by(10) {
+        assert_same(name, &e.restore(name), &std::fs::read(saved).unwrap());
+    }
+    e.ok(&["verify"]);
+
+    // Pruned while mounted: gone at once from the mount and the bucket's collection ran;
+    // the kept points still read, restore and verify exactly.
+    let before = e.space();
+    let out = e.ok(&["prune", "--keep-last", "5"]);
+    assert!(out.contains("pruned 26 point(s)"), "{out}");
+    let kept = points.split_off(points.len() - 5);
+    for (name, _) in &points {
+        assert!(!img(name).exists(), "{name} pruned but still there");
+    }
+    assert!(
+        e.space().stored_bytes < before.stored_bytes,
+        "the collection freed nothing"
+    );
+    for (name, saved) in &kept {
+        common::run_ok(
+            "cmp",
+            &[img(name).to_str().unwrap(), saved.to_str().unwrap()],
+        );
+        assert_same(name, &e.restore(name), &std::fs::read(saved).unwrap());
+    }
+    e.ok(&["verify"]);
+    e.ok(&["umount", mnt.to_str().unwrap()]);
 }

@@ -156,7 +156,7 @@ fn load_damaged(store: &Store, repo: &Repository) {
 /// A bad location or S3 settings; failure to create the directory.
 pub fn backend(root: &std::path::Path, repository: Option<&str>) -> Result<Arc<dyn Backend>> {
     Ok(match repository {
-        Some(loc) => Arc::new(crate::s3::S3Backend::open(loc)?),
+        Some(loc) => crate::s3::open_cached(loc, root)?,
         None => Arc::new(LocalBackend::new(&root.join(crate::store::REPO_DIR))?),
     })
 }

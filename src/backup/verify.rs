@@ -81,6 +81,16 @@ pub fn verify(
         .filter_map(|d| d.map.as_ref().map(|m| m.data_blocks * bs))
         .sum();
     progress.start("verify", total);
+    // From the repository itself, never from a local copy of its objects (an S3
+    // repository's read cache): an object damaged or lost after it was cached must be named.
+    let direct;
+    let (maps, repo) = match data.repo.backend().uncached() {
+        Some(b) => {
+            direct = Data::new(Arc::new(crate::repo::repository::Repository::open(b)?));
+            (&direct.maps, &direct.repo)
+        }
+        None => (&data.maps, &data.repo),
+    };
     // Each distinct block once: None = good, Some(why) = damaged.
     let mut seen: HashMap<Hash, Option<String>> = HashMap::new();
     for r in &points {
@@ -99,7 +109,7 @@ pub fn verify(
                     continue;
                 }
             };
-            for run in data.maps.data_runs(&map, 0..map.nblocks) {
+            for run in maps.data_runs(&map, 0..map.nblocks) {
                 let (b, h) = match run {
                     Ok(x) => x,
                     Err(e) => {
@@ -114,10 +124,7 @@ pub fn verify(
                     progress.inc(bs);
                     // From storage, never from the read cache: a block cached before its
                     // stored copy was damaged must still be reported.
-                    data.repo
-                        .get(BlobKind::Data, &h)
-                        .err()
-                        .map(|e| e.to_string())
+                    repo.get(BlobKind::Data, &h).err().map(|e| e.to_string())
                 });
                 if let Some(why) = verdict {
                     report.damaged.push(Damage {

@@ -122,6 +122,7 @@ pub(super) fn status(cx: &mut Ctx<'_, impl Write>, json: bool) -> Result<()> {
     }
     cx.emit(format!("store:      {}", s.root().display()))?;
     cx.emit(format!("block size: {}", human(s.block_size() as u64)))?;
+    cx.emit(format!("repository: {}", st.repository))?;
     cx.emit(format!(
         "points:     {} ({} restorable)",
         st.refs, st.restorable

@@ -89,6 +89,12 @@ pub trait Backend: Send + Sync {
 
     /// Where the objects are, for messages.
     fn describe(&self) -> String;
+
+    /// The same objects without a local cache in front (`s3::cache`), for `verify`, which
+    /// checks what the repository holds, not a copy of it. None: this backend has no cache.
+    fn uncached(&self) -> Option<Arc<dyn Backend>> {
+        None
+    }
 }
 
 /// The error for an object that is not there. It is a `Format` error (EIO at the mount, a

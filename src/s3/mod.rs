@@ -17,6 +17,7 @@
 //! exponential backoff; anything else, and the last retry, is one `Error::ObjectStore` line
 //! naming the repository, the request and the reason, never the credentials.
 
+pub mod cache;
 pub mod sigv4;
 
 use std::fs::{File, OpenOptions};
@@ -50,6 +51,37 @@ static CONFIG: RwLock<Option<S3Config>> = RwLock::new(None);
 pub fn configure(c: &S3Config) {
     *CONFIG.write() = Some(c.clone());
 }
+
+/// The backend of the repository at `location` for the store at `store_root`: behind the
+/// read cache under `STORE/cache/s3/` sized by `[s3] cache_size` (none when it is 0).
+///
+/// # Errors
+/// As `S3Backend::open`; failure to make the cache directory.
+pub fn open_cached(
+    location: &str,
+    store_root: &std::path::Path,
+) -> Result<std::sync::Arc<dyn Backend>> {
+    let s3 = S3Backend::open(location)?;
+    // `VMREF_S3_CACHE_SIZE` wins over the config, as the AWS_* variables do for the rest.
+    let size = env("VMREF_S3_CACHE_SIZE")
+        .or_else(|| CONFIG.read().as_ref().and_then(|c| c.cache_size.clone()));
+    let cap = size
+        .map(|s| crate::config::parse_size(&s))
+        .transpose()
+        .map_err(|why| Error::BadArgument(format!("S3 cache size: {why}")))?
+        .unwrap_or(cache::DEFAULT_CACHE_BYTES);
+    if cap == 0 {
+        return Ok(std::sync::Arc::new(s3));
+    }
+    Ok(std::sync::Arc::new(cache::CachedBackend::new(
+        s3,
+        &store_root.join(CACHE_DIR),
+        cap,
+    )?))
+}
+
+/// Where a store keeps its cache of S3 segments.
+pub const CACHE_DIR: &str = "cache/s3";
 
 /// Whether `location` names an S3 repository (else it is not a repository location at all).
 pub fn is_location(location: &str) -> bool {
@@ -550,6 +582,42 @@ impl<W: Write> Write for Hashing<W> {
     }
     fn flush(&mut self) -> std::io::Result<()> {
         self.inner.flush()
+    }
+}
+
+impl S3Backend {
+    /// Up to `len` bytes at `off`: fewer where the object ends, none when it ends at or
+    /// before `off`. The cache fetches fixed segments with it without asking for the size.
+    ///
+    /// # Errors
+    /// `missing(name)`; `ObjectStore` for a failed request.
+    pub fn get_upto(&self, name: &str, off: u64, len: usize) -> Result<Vec<u8>> {
+        let key = self.key(name)?;
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let range = format!("bytes={off}-{}", off + len as u64 - 1);
+        let rep = self
+            .request("GET", Some(&key), &[], Some(range), Body::Empty)
+            .map_err(|why| self.fail("GET", name, why))?;
+        match rep.status {
+            206 => {
+                let mut b = rep.body;
+                b.truncate(len);
+                Ok(b)
+            }
+            200 => Ok(rep
+                .body
+                .get(off as usize..)
+                .unwrap_or_default()
+                .iter()
+                .take(len)
+                .copied()
+                .collect()),
+            416 => Ok(Vec::new()),
+            404 => Err(missing(name)),
+            _ => Err(self.unexpected("GET", name, &rep)),
+        }
     }
 }
 

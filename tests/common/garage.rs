@@ -141,6 +141,7 @@ impl Garage {
             region: Some(REGION.into()),
             path_style: Some(true),
             credentials_file: Some(creds),
+            cache_size: None,
         }
     }
 
