@@ -570,6 +570,7 @@ impl BlobStore for Repository {
 }
 
 mod heal;
+mod read;
 mod transfer;
 pub use transfer::StoredBlob;
 
