@@ -93,7 +93,7 @@ impl PointImage {
     /// the next `READ_AHEAD_BYTES` not asked for yet. (The kernel's requests of one reader
     /// arrive on several threads slightly out of order, hence "near".)
     ///
-    /// No pack ranges are hinted to the kernel further ahead (`Repository::prefetch_data`, as
+    /// No pack ranges are hinted to the kernel further ahead (`Repository::prefetch_located`, as
     /// restores do): measured on cold `dd` reads of a 2 GiB point, a 32 MiB hint window made
     /// them slower (424-503 MB/s against 533-674 without), since a hint job held one of the
     /// two decoders in index lookups and `fadvise`; the kernel's own read-ahead of the pack
