@@ -3,7 +3,7 @@
 # user would otherwise pick, measured in this same run, with its ratio and target. Prints one
 # markdown table and writes it to bench/results/latest.md (--quick: bench/results/quick.md).
 #
-#   full:    2 GiB data disk, chains of depth 1/10/100, 1 TiB sparse disks, a 2 GiB ext4 image
+#   full:    2 GiB data disk, chains of depth 1/20/100, 1 TiB sparse disks, a 2 GiB ext4 image
 #            against restic and borg, a 4 GiB image replicated (send | receive); about 15-18 minutes.
 #   --quick: tiny sizes, about two minutes; proves the benchmark still works, never judges speed.
 #
@@ -41,7 +41,7 @@ else
     SPACE_DISK=${SPACE_DISK:-$((2 * GIB))}; SPACE_FILES=${SPACE_FILES:-$((1126 << 20))}; SCALE_BIG=${SCALE_BIG:-$((1024 * GIB))}
     REP_DISK=${REP_DISK:-$((4 * GIB))}; S3_DISK=${S3_DISK:-$((512 << 20))}
 fi
-DEPTHS="1 10 100"
+DEPTHS="1 20 100"
 DATA=${DATA:-half}          # the data disk's bytes: half (each 4 KiB half random, half zeros) or random
 COMPRESSION=${COMPRESSION:-}   # the data disk's store: vmref init --compression (empty: vmref's default)
 RAND_RUNTIME=1   # s per random-read job: QD1 4 KiB reads give tens of thousands of samples
@@ -231,13 +231,12 @@ declare -A F=(
     [keep]=$WORK/mnt-keep/disk.img
     [direct]=$WORK/mnt-direct/disk.img
     [pt]=$WORK/mnt-pt/disk.img
-    [p1]=$MV/p001/disk0.img
-    [p10]=$MV/p010/disk0.img
-    [p100]=$MV/p100/disk0.img
     [n1]=$MN/n001/disk0.img
 )
-TARGETS="raw keep direct p1 n1 p10 p100"
-[ $PT_OK = 1 ] && TARGETS="raw keep direct pt p1 n1 p10 p100"
+PTS=""
+for d in $DEPTHS; do F[p$d]=$MV/p$(printf %03d "$d")/disk0.img; PTS+=" p$d"; done
+TARGETS="raw keep direct p1 n1$PTS"
+[ $PT_OK = 1 ] && TARGETS="raw keep direct pt p1 n1$PTS"
 for st in "$S" "$SN"; do find "$st" -path "$st/track" -prune -o -type f -exec cat {} + > /dev/null; done
 cat "$IMG" > /dev/null   # warm: the raw file and every stored file (repo/ packs, indexes) in the page cache
 declare -A DD1 DD2 FSEQ FRND
@@ -310,9 +309,31 @@ for cold in 0 1; do
     for d in $DEPTHS; do
         q=$(median ${RQ[$d$cold]})
         qb=$(python3 -c "print($DISK / $q)")
-        rec restore "depth $d $w: vmref restore" "$(python3 -c "print($DISK / $(median ${RV[$d$cold]}))")" Bps "qemu-img convert -O raw (qcow2 chain)" "$qb" "r>=1.0"
-        rec restore "depth $d $w: cp --sparse=always from the mount" "$(python3 -c "print($DISK / $(median ${RC[$d$cold]}))")" Bps "qemu-img convert -O raw (qcow2 chain)" "$qb" "r>=0.5"
+        # Warm restores must at least match qemu-img, cold ones beat it by 1.2x; a cold copy out
+        # of the mount must reach 0.8x of it (issue 12).
+        tv="r>=1.0"; tc="r>=0.5"; [ $cold = 1 ] && { tv="r>=1.2"; tc="r>=0.8"; }
+        rec restore "depth $d $w: vmref restore" "$(python3 -c "print($DISK / $(median ${RV[$d$cold]}))")" Bps "qemu-img convert -O raw (qcow2 chain)" "$qb" "$tv"
+        rec restore "depth $d $w: cp --sparse=always from the mount" "$(python3 -c "print($DISK / $(median ${RC[$d$cold]}))")" Bps "qemu-img convert -O raw (qcow2 chain)" "$qb" "$tc"
     done
+done
+# Cold sequential reads: dd of a point image through the mount against dd of a raw file holding
+# the same bytes (the point restored beside the store, on the same disk), caches dropped before each.
+log "restore: cold dd bs=1M of point images vs raw files of the same bytes, x$REPS"
+declare -A DCP DCR
+for d in $DEPTHS; do
+    n=$(printf %03d "$d")
+    "$V" -q restore "p$n" --disk disk0 --to "$WORK/raw$n.img" >/dev/null
+done
+for _ in $(seq "$REPS"); do
+    for d in $DEPTHS; do
+        n=$(printf %03d "$d")
+        drop_all_caches; DCR[$d]+="$(dd_bw "$WORK/raw$n.img") "
+        drop_all_caches; DCP[$d]+="$(dd_bw "$MV/p$n/disk0.img") "
+    done
+done
+for d in $DEPTHS; do
+    rec restore "depth $d: dd bs=1M of the point image from the mount, cold (drop_caches)" "$(median ${DCP[$d]})" Bps "dd bs=1M of a raw file of the same bytes, cold" "$(median ${DCR[$d]})" "r>=0.9"
+    rm -f "$WORK/raw$(printf %03d "$d").img"
 done
 "$V" -q umount "$MV"
 cat "$IMG" > /dev/null
@@ -513,8 +534,8 @@ rec space "full backup time (ratio = their time / vmref's)" "$FV" t "restic back
 rec space "full backup time (ratio = their time / vmref's)" "$FV" t "borg create" "$FB" "r>1.0"
 rec space "mean incremental backup time, 1 % rewritten (ratio = their time / vmref's)" "$(mean $IV)" t "restic backup" "$(mean $IR)" "r>1.0"
 rec space "mean incremental backup time, 1 % rewritten (ratio = their time / vmref's)" "$(mean $IV)" t "borg create" "$(mean $IB)" "r>1.0"
-rec space "cold restore of the last point + sync (ratio = their time / vmref's)" "$RV5" t "restic restore" "$RR5" "r>1.0"
-rec space "cold restore of the last point + sync (ratio = their time / vmref's)" "$RV5" t "borg extract --sparse" "$RB5" "r>1.0"
+rec space "cold restore of the last point + sync (ratio = their time / vmref's)" "$RV5" t "restic restore" "$RR5" "r>=2.0"
+rec space "cold restore of the last point + sync (ratio = their time / vmref's)" "$RV5" t "borg extract --sparse" "$RB5" "r>=2.0"
 rm -rf "$SP"
 fi   # space
 

@@ -119,22 +119,62 @@ fn pool() -> &'static SyncSender<Job> {
     })
 }
 
+/// Blocks one read-ahead job decodes: its pack bytes come with one read when the backup
+/// stored them together (1 MiB at 64 KiB blocks).
+const RUN_BLOCKS: usize = 16;
+
 /// Decode `hashes` into the cache in the background, skipping blocks already cached or on
-/// their way. Errors are left for the reader to meet (and report) when it asks for the block.
-pub fn read_ahead(repo: &Arc<Repository>, cache: &Arc<BlockCache>, hashes: Vec<Hash>) {
-    for h in hashes {
-        if h.is_zero() || cache.get(&h).is_some() || !cache.pending.lock().insert(h) {
-            continue;
+/// their way, in runs of blocks with one pack read each. Errors are left for the reader to meet (and report) when it
+/// asks for the block: a block that fails its check never enters the cache.
+pub fn read_ahead(repo: &Arc<Repository>, cache: &Arc<BlockCache>, hashes: Vec<Hash>, bs: usize) {
+    let mut want = Vec::with_capacity(hashes.len());
+    {
+        let mut pending = cache.pending.lock();
+        for h in hashes {
+            if !h.is_zero() && !want.contains(&h) && cache.get(&h).is_none() && pending.insert(h) {
+                want.push(h);
+            }
         }
-        let (repo, c) = (repo.clone(), cache.clone());
+    }
+    if want.is_empty() {
+        return;
+    }
+    for (i, run) in want.chunks(RUN_BLOCKS).enumerate() {
+        let (repo, c, mine) = (repo.clone(), cache.clone(), run.to_vec());
         let job: Job = Box::new(move || {
-            let _ = fetch(&repo, &c, &h);
-            c.pending.lock().remove(&h);
+            decode_run(&repo, &c, &mine, bs);
+            let mut pending = c.pending.lock();
+            for h in &mine {
+                pending.remove(h);
+            }
         });
         if pool().try_send(job).is_err() {
-            cache.pending.lock().remove(&h);
+            // Queue full: drop this run and the rest (the reader decodes them itself).
+            let mut pending = cache.pending.lock();
+            for h in &want[i * RUN_BLOCKS..] {
+                pending.remove(h);
+            }
             return;
         }
+    }
+}
+
+/// Decode `run` into the cache with one batch read; when the batch fails (a damaged or missing
+/// block among them), each block alone, so the good ones are still cached.
+fn decode_run(repo: &Repository, cache: &BlockCache, run: &[Hash], bs: usize) {
+    let mut bufs: Vec<Vec<u8>> = run.iter().map(|_| vec![0u8; bs]).collect();
+    let mut blobs: Vec<(Hash, &mut [u8])> = run
+        .iter()
+        .copied()
+        .zip(bufs.iter_mut().map(Vec::as_mut_slice))
+        .collect();
+    if repo.read_data_into(&mut blobs).is_ok() {
+        drop(blobs);
+        for (h, b) in run.iter().zip(bufs) {
+            cache.insert(*h, Arc::new(b));
+        }
+    } else {
+        run.iter().for_each(|h| drop(fetch(repo, cache, h)));
     }
 }
 

@@ -84,9 +84,9 @@ pub fn verify(
     // From the repository itself, never from a local copy of its objects (an S3
     // repository's read cache): an object damaged or lost after it was cached must be named.
     let direct;
-    let (maps, repo) = match data.repo.backend().uncached() {
-        Some(b) => {
-            direct = Data::new(Arc::new(crate::repo::repository::Repository::open(b)?));
+    let (maps, repo) = match data.repo.uncached()? {
+        Some(r) => {
+            direct = Data::new(Arc::new(r));
             (&direct.maps, &direct.repo)
         }
         None => (&data.maps, &data.repo),

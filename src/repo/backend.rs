@@ -21,6 +21,7 @@ use std::collections::BTreeMap;
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{BufWriter, ErrorKind, Write};
 use std::num::NonZeroUsize;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -46,6 +47,21 @@ pub trait Backend: Send + Sync {
     /// # Errors
     /// `missing(name)`, `FormatError::Truncated` for a short object; I/O failures.
     fn get_range(&self, name: &str, off: u64, len: usize) -> Result<Vec<u8>>;
+
+    /// `get_range` into a caller's buffer (`buf.len()` bytes at `off`), so a reader that reads
+    /// many ranges reuses one buffer.
+    ///
+    /// # Errors
+    /// As `get_range`.
+    fn get_range_into(&self, name: &str, off: u64, buf: &mut [u8]) -> Result<()> {
+        buf.copy_from_slice(&self.get_range(name, off, buf.len())?);
+        Ok(())
+    }
+
+    /// A hint that `len` bytes at `off` of `name` will be read soon: a backend that can start
+    /// fetching them in the background does (the local one asks the kernel to read ahead).
+    /// Never fails: a wrong hint costs only the I/O.
+    fn prefetch(&self, _name: &str, _off: u64, _len: u64) {}
 
     /// Store `bytes` as `name` unless an object of that name exists. Durable when it returns.
     /// Returns false (and changes nothing) when the object already existed.
@@ -252,8 +268,14 @@ impl Backend for LocalBackend {
     }
 
     fn get_range(&self, name: &str, off: u64, len: usize) -> Result<Vec<u8>> {
-        let f = self.open(name)?;
         let mut buf = vec![0u8; len];
+        self.get_range_into(name, off, &mut buf)?;
+        Ok(buf)
+    }
+
+    fn get_range_into(&self, name: &str, off: u64, buf: &mut [u8]) -> Result<()> {
+        let f = self.open(name)?;
+        let len = buf.len();
         let mut done = 0;
         while done < len {
             match f.read_at(&mut buf[done..], off + done as u64) {
@@ -263,7 +285,13 @@ impl Backend for LocalBackend {
                 Err(e) => return Err(Error::io("read", self.root.join(name))(e)),
             }
         }
-        Ok(buf)
+        Ok(())
+    }
+
+    fn prefetch(&self, name: &str, off: u64, len: u64) {
+        if let Ok(f) = self.open(name) {
+            let _ = crate::sys::fadvise_willneed(f.as_raw_fd(), off, len);
+        }
     }
 
     fn put_if_absent(&self, name: &str, bytes: &[u8]) -> Result<bool> {

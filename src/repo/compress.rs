@@ -119,6 +119,36 @@ pub fn decompress(codec: Codec, stored: &[u8], raw_len: usize) -> Result<Vec<u8>
     Ok(out)
 }
 
+/// `decompress` into `out`, which must be exactly the blob's raw length: a reader that decodes
+/// many blocks writes each where it belongs instead of allocating it. On error `out` holds
+/// garbage and must not be used.
+///
+/// # Errors
+/// As `decompress`.
+pub fn decompress_into(codec: Codec, stored: &[u8], out: &mut [u8]) -> Result<(), String> {
+    let n = match codec {
+        Codec::Raw if stored.len() == out.len() => {
+            out.copy_from_slice(stored);
+            out.len()
+        }
+        Codec::Raw => stored.len(),
+        Codec::Zstd => DECOMPRESSOR.with(|d| {
+            let mut d = d.borrow_mut();
+            if d.is_none() {
+                *d = Some(zstd::bulk::Decompressor::new().map_err(|e| e.to_string())?);
+            }
+            let d = d.as_mut().expect("made above");
+            // Bounded by `out`: damaged input cannot write past it.
+            d.decompress_to_buffer(stored, out)
+                .map_err(|e| format!("zstd: {e}"))
+        })?,
+    };
+    if n != out.len() {
+        return Err(format!("decoded to {n} bytes, expected {}", out.len()));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -184,6 +214,22 @@ mod tests {
             // Never a panic; either an error or (rarely) other bytes, which the hash catches.
             let _ = decompress(Codec::Zstd, &d, text.len());
         }
+    }
+
+    #[test]
+    fn decompress_into_fills_exactly_or_fails() {
+        let text = text_like(4, 65536);
+        let (c, s) = compress(Compression::Zstd { level: 3 }, &text);
+        let mut out = vec![0u8; text.len()];
+        decompress_into(c, &s, &mut out).unwrap();
+        assert_eq!(out, text);
+        decompress_into(Codec::Raw, &text, &mut out).unwrap();
+        assert_eq!(out, text);
+        // Too small, too large, or cut short: an error, never a partial fill taken as whole.
+        assert!(decompress_into(c, &s, &mut vec![0u8; text.len() - 1]).is_err());
+        assert!(decompress_into(c, &s, &mut vec![0u8; text.len() + 1]).is_err());
+        assert!(decompress_into(c, &s[..s.len() - 1], &mut out).is_err());
+        assert!(decompress_into(Codec::Raw, &text[1..], &mut out).is_err());
     }
 
     /// Compression speed on 64 KiB blocks: `cargo test --release --lib

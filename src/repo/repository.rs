@@ -286,6 +286,21 @@ impl Repository {
                 (sealed, Some(k.keys().clone()), Some(enc.key_id.clone()))
             }
         };
+        let config = RepoConfig {
+                id: rec.id,
+                compression,
+                pack_target: rec.pack_target as usize,
+                key_id,
+            };
+        Repository::assemble(backend, config, keys)
+    }
+
+    /// A handle on `backend` (already sealed when `keys` is given) with its index loaded.
+    fn assemble(
+        backend: Arc<dyn Backend>,
+        config: RepoConfig,
+        keys: Option<Arc<Keys>>,
+    ) -> Result<Repository> {
         let set = IndexSet::load(&*backend)?;
         let seq = set
             .files()
@@ -294,12 +309,7 @@ impl Repository {
             .max()
             .unwrap_or(0);
         Ok(Repository {
-            config: RepoConfig {
-                id: rec.id,
-                compression,
-                pack_target: rec.pack_target as usize,
-                key_id,
-            },
+            config,
             backend,
             index: RwLock::new(Arc::new(set)),
             next_seq: AtomicU64::new(seq + 1),
@@ -317,6 +327,19 @@ impl Repository {
             damaged: RwLock::new(std::collections::HashSet::new()),
             keys,
         })
+    }
+
+    /// The same repository read without a local cache in front (an S3 repository's read
+    /// cache), sealed with the same keys: `verify` checks what the repository holds, not a
+    /// copy of it. `None`: this backend has no cache.
+    ///
+    /// # Errors
+    /// Reading the index objects.
+    pub fn uncached(&self) -> Result<Option<Repository>> {
+        match self.backend.uncached() {
+            None => Ok(None),
+            Some(b) => Repository::assemble(b, self.config.clone(), self.keys.clone()).map(Some),
+        }
     }
 
     /// The id of a blob of these bytes here: their BLAKE3 hash, keyed in an encrypted
@@ -702,6 +725,7 @@ impl BlobStore for Repository {
 }
 
 mod heal;
+mod read;
 mod transfer;
 pub use transfer::StoredBlob;
 

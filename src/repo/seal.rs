@@ -520,6 +520,12 @@ impl Backend for SealedBackend {
     fn describe(&self) -> String {
         self.inner.describe()
     }
+
+    // The objects below a cache are sealed the same way: `verify` must open them too.
+    fn uncached(&self) -> Option<Arc<dyn Backend>> {
+        let inner = self.inner.uncached()?;
+        Some(Arc::new(SealedBackend::new(inner, self.keys.clone())))
+    }
 }
 
 #[cfg(test)]
