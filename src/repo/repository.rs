@@ -287,11 +287,11 @@ impl Repository {
             }
         };
         let config = RepoConfig {
-                id: rec.id,
-                compression,
-                pack_target: rec.pack_target as usize,
-                key_id,
-            };
+            id: rec.id,
+            compression,
+            pack_target: rec.pack_target as usize,
+            key_id,
+        };
         Repository::assemble(backend, config, keys)
     }
 

@@ -57,7 +57,7 @@ impl Repository {
             ));
         }
         compress::decompress_into(e.entry.codec, stored, out).map_err(|why| damaged(h, why))?;
-        if Hash::of(out) != *h {
+        if self.id_of(out) != *h {
             return Err(damaged(h, "bytes do not match the hash"));
         }
         Ok(())
