@@ -380,20 +380,29 @@ NEWS=$WORK/new-store
 NEWM=$WORK/mnt-new
 mkdir -p "$NEWM"; MOUNTS+=("$NEWM")
 declare -A VW
+order=(live raw)
 for _ in $(seq "$REPS"); do
+    # Alternate which goes first: the one after the previous round's deletes and unmount
+    # would otherwise always meet the disk still busy with them.
+    order=("${order[1]}" "${order[0]}")
     # First writes: a fresh sparse disk of DISK bytes in a fresh store each time (every region
     # of it never written, never marked), and a fresh sparse raw file beside it.
     rm -rf "$NEWS" "$WORK/new.img" "$WORK/new-raw.img"
     truncate -s "$DISK" "$WORK/new.img" "$WORK/new-raw.img"
     "$V" -q --store "$NEWS" init >/dev/null
     "$V" -q --store "$NEWS" disk add new "$WORK/new.img" >/dev/null
-    "$V" -q --store "$NEWS" mount "$NEWM" >/dev/null
     sync
-    VW[firstlive]+="$(qbench_s "$NEWM/live/new.img" $((DISK >> 20))) "
-    sync
-    VW[firstraw]+="$(qbench_s "$WORK/new-raw.img" $((DISK >> 20))) "
-    "$V" -q --store "$NEWS" umount "$NEWM" >/dev/null
-    for t in live raw; do
+    for t in "${order[@]}"; do
+        if [ "$t" = live ]; then
+            "$V" -q --store "$NEWS" mount "$NEWM" >/dev/null
+            VW[firstlive]+="$(qbench_s "$NEWM/live/new.img" $((DISK >> 20))) "
+            "$V" -q --store "$NEWS" umount "$NEWM" >/dev/null
+        else
+            VW[firstraw]+="$(qbench_s "$WORK/new-raw.img" $((DISK >> 20))) "
+        fi
+        sync
+    done
+    for t in "${order[@]}"; do
         use "$t"
         sync
         case $t in live) f=$LIVE ;; raw) f=$IMG ;; esac

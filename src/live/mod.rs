@@ -68,8 +68,9 @@ pub struct LiveDisk {
 pub const SETTLE_AFTER: Duration = Duration::from_secs(2);
 
 /// Writes this long or longer, aligned to `DIRECT_ALIGN`, bypass the page cache. Small
-/// writes stay buffered: two FUSE workers writing 4 KiB O_DIRECT would leave the disk at
-/// queue depth two, where the page cache absorbs them.
+/// writes stay buffered, where the page cache absorbs them: written O_DIRECT, each would hold
+/// a FUSE worker for a whole disk round trip, and a VM's queue depth would shrink to the
+/// number of workers.
 pub const DIRECT_MIN: u64 = 128 << 10;
 /// Offset, length and buffer alignment for O_DIRECT: a page, enough for any common block
 /// device and filesystem.
