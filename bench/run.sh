@@ -384,6 +384,63 @@ for job in "write 1M 0" "write 1M 1" "randwrite 4k 0" "randwrite 4k 1" "read 1M 
     fi
     rec live "$label: baseline plainfs (untracked)" "$(median ${LW[${job}plain]})" Bps "raw file" "$(median ${LW[${job}raw]})" ""
 done
+
+# What a VM with cache=none, aio=native does: O_DIRECT, Linux AIO, many requests in flight.
+# qemu-img bench only writes sequentially, so the 4 KiB random rows use fio's libaio engine
+# (the same syscalls). Each row against the raw file, one job after the other, alternated.
+log "live VM-like writes: qemu-img bench 1 MiB QD8 into new space, fio libaio 4 KiB QD32, dd read-only"
+qbench_s() { # FILE COUNT -> seconds that qemu-img bench reports for COUNT 1 MiB writes at depth 8
+    qemu-img bench -w -t none -i native -f raw -s 1M -d 8 -c "$2" "$1" |
+        sed -n 's/^Run completed in \([0-9.]*\) seconds.*/\1/p'
+}
+fio_aio_bw() { # FILE -> bytes/s of 4 KiB random O_DIRECT writes at queue depth 32 (libaio)
+    fio --name=b --filename="$1" --rw=randwrite --bs=4k --direct=1 --ioengine=libaio \
+        --iodepth=32 --size="$(stat -L -c %s "$1")" --fallocate=none --randrepeat=0 \
+        --time_based --runtime="$RUNTIME" --output-format=json |
+        python3 -c 'import json,sys; print(json.load(sys.stdin)["jobs"][0]["write"]["bw_bytes"])'
+}
+NEWS=$WORK/new-store
+NEWM=$WORK/mnt-new
+mkdir -p "$NEWM"; MOUNTS+=("$NEWM")
+declare -A VW
+order=(live raw)
+for _ in $(seq "$REPS"); do
+    # Alternate which goes first: the one after the previous round's deletes and unmount
+    # would otherwise always meet the disk still busy with them.
+    order=("${order[1]}" "${order[0]}")
+    # First writes: a fresh sparse disk of DISK bytes in a fresh store each time (every region
+    # of it never written, never marked), and a fresh sparse raw file beside it.
+    rm -rf "$NEWS" "$WORK/new.img" "$WORK/new-raw.img"
+    truncate -s "$DISK" "$WORK/new.img" "$WORK/new-raw.img"
+    "$V" -q --store "$NEWS" init >/dev/null
+    "$V" -q --store "$NEWS" disk add new "$WORK/new.img" >/dev/null
+    sync
+    for t in "${order[@]}"; do
+        if [ "$t" = live ]; then
+            "$V" -q --store "$NEWS" mount "$NEWM" >/dev/null
+            VW[firstlive]+="$(qbench_s "$NEWM/live/new.img" $((DISK >> 20))) "
+            "$V" -q --store "$NEWS" umount "$NEWM" >/dev/null
+        else
+            VW[firstraw]+="$(qbench_s "$WORK/new-raw.img" $((DISK >> 20))) "
+        fi
+        sync
+    done
+    for t in "${order[@]}"; do
+        use "$t"
+        sync
+        case $t in live) f=$LIVE ;; raw) f=$IMG ;; esac
+        VW[rand$t]+="$(fio_aio_bw "$f") "
+        # A reader that opens the live disk read-only (a backup tool, a checksum) beside the
+        # mount, vs the raw file: both in the page cache.
+        cat "$IMG" > /dev/null
+        VW[ro$t]+="$(dd_bw "$f") "
+    done
+done
+use raw
+rm -rf "$NEWS" "$WORK/new.img" "$WORK/new-raw.img"
+rec live "first writes to never-written space, qemu-img bench 1 MiB QD8 O_DIRECT native: vmref (tracked)" "$(median ${VW[firstlive]})" t "raw file (sparse)" "$(median ${VW[firstraw]})" "r>=0.8"
+rec live "randwrite 4 KiB QD32 O_DIRECT libaio: vmref (tracked)" "$(median ${VW[randlive]})" Bps "raw file" "$(median ${VW[randraw]})" "r>=0.8"
+rec live "read dd 1 MiB, opened read-only: vmref live disk" "$(median ${VW[rolive]})" Bps "raw file (page cache)" "$(median ${VW[roraw]})" "r>=0.9"
 fi   # live
 fi   # the data disk
 

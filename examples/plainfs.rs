@@ -1,17 +1,20 @@
 //! The "plain daemon-served FUSE file" baseline of bench/run.sh: one raw file served as
-//! `MOUNTPOINT/disk.img` with vmref's own mount settings (`daemon::fuse_config`: 2 workers,
-//! clone_fd; max_background 64; readahead raised to 1 MiB on the mount's bdi) and the same read
+//! `MOUNTPOINT/disk.img` with vmref's own mount settings (`daemon::fuse_config`: 8 workers,
+//! clone_fd; max_background 64; async direct I/O; readahead raised to 1 MiB on the mount's bdi) and the same read
 //! path shape (pread into a reused per-thread buffer, then `reply.data`), but no tracking, no
 //! index and no checksums. What vmref adds on top is the difference to this.
 //!
 //! ```text
-//! plainfs MOUNTPOINT FILE [--rw] [--mode keep-cache|direct-io|cache|passthrough]
+//! plainfs MOUNTPOINT FILE [--rw] [--mode keep-cache|direct-io|cache|passthrough|mixed]
 //! ```
 //! - `keep-cache` (default): FOPEN_KEEP_CACHE, like a vmref point image.
 //! - `direct-io`: FOPEN_DIRECT_IO (+ parallel direct writes), like a vmref live disk.
 //! - `cache`: no open flags (the kernel drops the page cache at every open).
 //! - `passthrough`: kernel FUSE passthrough (FUSE_PASSTHROUGH, `open_backing`): reads and
 //!   writes never reach this daemon. Fails at open with the kernel's errno if refused.
+//! - `mixed`: read-only opens as `passthrough`, writable ones as `direct-io` (what a live disk
+//!   would need: readers in the kernel, every write through the daemon). Shows what the kernel
+//!   allows when both kinds of open meet on one inode (docs/performance.md).
 //!
 //! Runs in the foreground until unmounted (`umount MOUNTPOINT`); prints `ready` once mounted.
 
@@ -40,6 +43,7 @@ enum Mode {
     DirectIo,
     Cache,
     Passthrough,
+    Mixed,
 }
 
 struct Plain {
@@ -92,7 +96,8 @@ impl Plain {
 impl Filesystem for Plain {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_background(64); // as vmref's FuseFs::init
-        if self.mode == Mode::Passthrough {
+        let _ = config.add_capabilities(InitFlags::FUSE_ASYNC_DIO); // likewise
+        if matches!(self.mode, Mode::Passthrough | Mode::Mixed) {
             let cap = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok();
             let depth = config.set_max_stack_depth(2).is_ok();
             self.passthrough_ok.store(cap && depth, Ordering::Relaxed);
@@ -125,14 +130,20 @@ impl Filesystem for Plain {
         if flags.acc_mode() != OpenAccMode::O_RDONLY && !self.rw {
             return reply.error(Errno::EROFS);
         }
-        match self.mode {
+        let write = flags.acc_mode() != OpenAccMode::O_RDONLY;
+        let mode = match self.mode {
+            Mode::Mixed if write => Mode::DirectIo,
+            Mode::Mixed => Mode::Passthrough,
+            m => m,
+        };
+        match mode {
             Mode::KeepCache => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
             Mode::DirectIo => reply.opened(
                 FileHandle(0),
                 FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES,
             ),
             Mode::Cache => reply.opened(FileHandle(0), FopenFlags::empty()),
-            Mode::Passthrough => {
+            Mode::Passthrough | Mode::Mixed => {
                 if !self.passthrough_ok.load(Ordering::Relaxed) {
                     return reply.error(Errno::EOPNOTSUPP);
                 }
@@ -279,6 +290,7 @@ fn main() {
                     Some("direct-io") => Mode::DirectIo,
                     Some("cache") => Mode::Cache,
                     Some("passthrough") => Mode::Passthrough,
+                    Some("mixed") => Mode::Mixed,
                     m => {
                         eprintln!("plainfs: unknown mode {m:?}");
                         std::process::exit(2);
@@ -290,7 +302,7 @@ fn main() {
     }
     let [mp, path] = &pos[..] else {
         eprintln!(
-            "usage: plainfs MOUNTPOINT FILE [--rw] [--mode keep-cache|direct-io|cache|passthrough]"
+            "usage: plainfs MOUNTPOINT FILE [--rw] [--mode keep-cache|direct-io|cache|passthrough|mixed]"
         );
         std::process::exit(2);
     };

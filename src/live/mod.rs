@@ -11,19 +11,28 @@
 //! block since a saver (an open checkpoint) registered hands the block's old bytes to it,
 //! under the disk's copy-on-write mutex (a no-op when no saver is registered).
 //!
+//! Direct writes: a large aligned write (`DIRECT_MIN`) goes to the image with O_DIRECT
+//! through a second descriptor of the same open file, so it costs no page-cache fill (which
+//! dominated first writes into new space: docs/performance.md); smaller or unaligned writes
+//! stay buffered. The kernel keeps the page cache coherent with direct writes (it writes back
+//! and drops the range's cached pages around each), except when a buffered and a direct write
+//! to the same page run at once: `kinds` never lets those two overlap in flight.
+//!
 //! Settling: once a disk has had no write (nor owner or mode change) for `SETTLE_AFTER`, the
 //! periodic flush syncs the image and records its identity as settled (`Tracker::settle`), so
 //! that a crash of an idle disk costs no read of its data at the next open.
 
 pub mod cow;
 
+use std::cell::RefCell;
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use parking_lot::{Mutex, RwLock, RwLockWriteGuard};
+use parking_lot::{Condvar, Mutex, RwLock, RwLockWriteGuard};
 
 use crate::error::{Error, Result};
 use crate::track::{Tracker, mapfile::Identity};
@@ -38,6 +47,11 @@ pub struct LiveDisk {
     block_size: u32,
     gate: RwLock<()>,
     tracker: Mutex<Tracker>,
+    /// The image opened again with O_DIRECT (None where the filesystem refuses it), and
+    /// whether it still takes writes (cleared at its first EINVAL).
+    direct: Option<File>,
+    direct_ok: AtomicBool,
+    kinds: IoKinds,
     cow: DiskCow,
     /// Set by `disk remove`: a handle the mount still holds must not write untracked.
     removed: AtomicBool,
@@ -57,6 +71,81 @@ pub struct LiveDisk {
 /// exceeds the coarsest granularity a disk image's filesystem is expected to have (1 s: ext4
 /// with 128-byte inodes; NFS servers likewise), whichever clock stamps them.
 pub const SETTLE_AFTER: Duration = Duration::from_secs(2);
+
+/// Writes this long or longer, aligned to `DIRECT_ALIGN`, bypass the page cache. Small
+/// writes stay buffered, where the page cache absorbs them: written O_DIRECT, each would hold
+/// a FUSE worker for a whole disk round trip, and a VM's queue depth would shrink to the
+/// number of workers.
+pub const DIRECT_MIN: u64 = 128 << 10;
+/// Offset, length and buffer alignment for O_DIRECT: a page, enough for any common block
+/// device and filesystem.
+const DIRECT_ALIGN: u64 = 4096;
+
+thread_local! {
+    /// Per writer thread: the aligned copy a direct write is made from.
+    static ALIGNED: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The pages of buffered and of direct writes in flight: a write waits while a write of the
+/// other kind overlaps its pages (same-kind overlaps proceed, as before). Overlapping
+/// writes in flight are rare (a guest does not issue them), so the wait is too; the check
+/// costs one short mutex per write.
+#[derive(Debug, Default)]
+struct IoKinds {
+    inflight: Mutex<Vec<(u64, u64, bool)>>,
+    done: Condvar,
+}
+
+struct KindGuard<'a> {
+    kinds: &'a IoKinds,
+    entry: (u64, u64, bool),
+}
+
+impl IoKinds {
+    fn enter(&self, off: u64, len: u64, direct: bool) -> KindGuard<'_> {
+        let start = off - off % DIRECT_ALIGN;
+        let end = (off + len).div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
+        let mut v = self.inflight.lock();
+        while v
+            .iter()
+            .any(|&(s, e, d)| d != direct && s < end && start < e)
+        {
+            self.done.wait(&mut v);
+        }
+        v.push((start, end, direct));
+        KindGuard {
+            kinds: self,
+            entry: (start, end, direct),
+        }
+    }
+}
+
+impl Drop for KindGuard<'_> {
+    fn drop(&mut self) {
+        let mut v = self.kinds.inflight.lock();
+        if let Some(i) = v.iter().position(|e| *e == self.entry) {
+            v.swap_remove(i);
+        }
+        drop(v);
+        self.kinds.done.notify_all();
+    }
+}
+
+/// The image's open file again, with O_DIRECT: the same inode whatever its path became.
+fn reopen_direct(file: &File) -> Option<File> {
+    let path = format!("/proc/self/fd/{}", file.as_raw_fd());
+    match OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&path)
+    {
+        Ok(f) => Some(f),
+        Err(e) => {
+            ::log::debug!("O_DIRECT open refused ({e}): every write goes through the page cache");
+            None
+        }
+    }
+}
 
 /// Open an image for tracked use, refusing what cannot be a disk.
 pub fn open_image(path: &Path) -> Result<File> {
@@ -85,6 +174,9 @@ impl LiveDisk {
             image: image.to_path_buf(),
             size: tracker.disk_size(),
             block_size: tracker.block_size(),
+            direct_ok: AtomicBool::new(true),
+            direct: reopen_direct(&file),
+            kinds: IoKinds::default(),
             file,
             gate: RwLock::new(()),
             tracker: Mutex::new(tracker),
@@ -177,15 +269,73 @@ impl LiveDisk {
             self.refused.fetch_add(1, Ordering::Relaxed);
             return Err(Error::StoreAway(self.name.clone()));
         }
-        self.tracker.lock().before_write(off, len)?;
+        // Group commit: a write into regions not yet durably marked waits for the log sync
+        // without holding the tracker, so writes into marked regions go on meanwhile and
+        // concurrent first writes share one sync. The data write starts only after it.
+        let mut t = self.tracker.lock();
+        if let Some(generation) = t.mark_for_write(off, len)? {
+            let sync = t.log_sync();
+            drop(t);
+            sync.wait(generation)?;
+            t = self.tracker.lock();
+        }
+        t.stamp_write(off, len);
+        drop(t);
         self.cow
             .before_write(&self.file, self.size, self.block_size, off, len);
-        let r = self
-            .file
-            .write_all_at(data, off)
-            .map_err(Error::io("write", &self.image));
+        let r = self.write_data(data, off);
         self.changed();
         r
+    }
+
+    /// The data write of `write_at`, direct when it is large and aligned (module docs).
+    fn write_data(&self, data: &[u8], off: u64) -> Result<()> {
+        let len = data.len() as u64;
+        let direct = match &self.direct {
+            Some(f)
+                if len >= DIRECT_MIN
+                    && off.is_multiple_of(DIRECT_ALIGN)
+                    && len.is_multiple_of(DIRECT_ALIGN)
+                    && self.direct_ok.load(Ordering::Relaxed) =>
+            {
+                f
+            }
+            _ => return self.write_buffered(data, off),
+        };
+        let done = {
+            let _k = self.kinds.enter(off, len, true);
+            ALIGNED.with_borrow_mut(|buf| {
+                let need = data.len() + DIRECT_ALIGN as usize;
+                if buf.len() < need {
+                    buf.resize(need, 0);
+                }
+                let at = buf.as_ptr().align_offset(DIRECT_ALIGN as usize);
+                let dst = &mut buf[at..at + data.len()];
+                dst.copy_from_slice(data);
+                direct.write_at(dst, off)
+            })
+        };
+        match done {
+            Ok(n) if n == data.len() => Ok(()),
+            // Short (a full filesystem): the rest through the page cache, which reports why.
+            Ok(n) => self.write_buffered(&data[n..], off + n as u64),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                ::log::info!(
+                    "disk {}: O_DIRECT write refused ({e}): writes go through the page cache",
+                    self.name
+                );
+                self.direct_ok.store(false, Ordering::Relaxed);
+                self.write_buffered(data, off)
+            }
+            Err(e) => Err(Error::io("write", &self.image)(e)),
+        }
+    }
+
+    fn write_buffered(&self, data: &[u8], off: u64) -> Result<()> {
+        let _k = self.kinds.enter(off, data.len() as u64, false);
+        self.file
+            .write_all_at(data, off)
+            .map_err(Error::io("write", &self.image))
     }
 
     /// Make written data durable (fsync of the live file).

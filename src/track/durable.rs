@@ -32,6 +32,10 @@ impl DurableFile {
         })
     }
 
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     pub fn len(&self) -> Result<u64> {
         Ok(self
             .file
@@ -69,6 +73,12 @@ impl DurableFile {
 
     /// Make every write so far durable.
     pub fn sync(&self) -> Result<()> {
+        #[cfg(test)]
+        if super::powerloss::sync_should_fail(&self.path) {
+            return Err(Error::io("fsync", &self.path)(
+                std::io::Error::from_raw_os_error(libc::EIO),
+            ));
+        }
         self.file
             .sync_data()
             .map_err(Error::io("fsync", &self.path))?;

@@ -6,10 +6,22 @@
 //! clears them all. Bits only go from 0 to 1 between clears, so a torn bitmap write can lose
 //! only the bit of a write not yet acknowledged.
 //!
+//! Group commit: a writer marks its new regions (page write, no sync) under the tracker's
+//! lock, then waits outside it (`LogSync::wait`) until a sync covers that page write. One
+//! waiter at a time syncs, for every page write done before it started, so marks of
+//! concurrent writers share one sync, and writers into regions already durable never wait
+//! behind another's sync. A failed sync fails every write it covered, and the marks it
+//! covered count as unmarked from then on (even if a later sync succeeds: the kernel may have
+//! dropped the failed pages), so the next write to them writes their page again.
+//!
 //! Layout: `0 magic "VMREFLOG" | 8 major u16 | 10 minor u16 | 16 nregions u64 | 4092 crc u32`,
 //! then the bitmap from offset 4096, padded to 4 KiB.
 
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use parking_lot::{Condvar, Mutex};
 
 use super::durable::DurableFile;
 use crate::error::{Error, Result};
@@ -46,8 +58,79 @@ fn bitmap_bytes(nregions: u64) -> usize {
 
 #[derive(Debug)]
 pub struct DirtyLog {
-    file: DurableFile,
+    file: Arc<DurableFile>,
     bits: Vec<u8>,
+    sync: Arc<LogSync>,
+    /// Regions set in `bits` whose page write no sync is known to cover yet, with that
+    /// write's generation.
+    unsynced: Vec<(u64, u64)>,
+}
+
+/// The sync side of group commit, shared with writers waiting outside the tracker's lock.
+#[derive(Debug)]
+pub struct LogSync {
+    file: Arc<DurableFile>,
+    /// Generation of the last page write that completed (writes count from 1).
+    written: AtomicU64,
+    state: Mutex<SyncState>,
+    done: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct SyncState {
+    /// Every page write up to this generation is durable...
+    durable: u64,
+    /// ...except those up to this one, whose sync failed.
+    failed: u64,
+    syncing: bool,
+}
+
+impl LogSync {
+    fn new(file: Arc<DurableFile>) -> Arc<LogSync> {
+        Arc::new(LogSync {
+            file,
+            written: AtomicU64::new(0),
+            state: Mutex::new(SyncState::default()),
+            done: Condvar::new(),
+        })
+    }
+
+    /// Return once page write `generation` is durable: sync it (and every write before it)
+    /// unless another waiter's sync already covers it.
+    ///
+    /// # Errors
+    /// The sync covering it failed: the write that waits must not happen.
+    pub fn wait(&self, generation: u64) -> Result<()> {
+        let mut st = self.state.lock();
+        loop {
+            if generation <= st.failed {
+                return Err(Error::io("fsync", self.file.path())(std::io::Error::other(
+                    "syncing the dirty-region log failed",
+                )));
+            }
+            if generation <= st.durable {
+                return Ok(());
+            }
+            if st.syncing {
+                self.done.wait(&mut st);
+                continue;
+            }
+            st.syncing = true;
+            let target = self.written.load(Ordering::Acquire);
+            let r = parking_lot::MutexGuard::unlocked(&mut st, || self.file.sync());
+            st.syncing = false;
+            match &r {
+                Ok(()) => st.durable = st.durable.max(target),
+                Err(_) => st.failed = st.failed.max(target),
+            }
+            self.done.notify_all();
+            r?;
+        }
+    }
+
+    fn failed(&self) -> u64 {
+        self.state.lock().failed
+    }
 }
 
 impl DirtyLog {
@@ -57,10 +140,25 @@ impl DirtyLog {
         tmp.write_all(&encode_header(nregions))?;
         tmp.write_all(&vec![0u8; bitmap_bytes(nregions)])?;
         tmp.commit()?;
-        Ok(DirtyLog {
-            file: DurableFile::open(path)?,
-            bits: vec![0u8; bitmap_bytes(nregions)],
-        })
+        Ok(DirtyLog::new(
+            DurableFile::open(path)?,
+            vec![0u8; bitmap_bytes(nregions)],
+        ))
+    }
+
+    fn new(file: DurableFile, bits: Vec<u8>) -> DirtyLog {
+        let file = Arc::new(file);
+        DirtyLog {
+            sync: LogSync::new(file.clone()),
+            file,
+            bits,
+            unsynced: Vec::new(),
+        }
+    }
+
+    /// The handle writers wait on for their marks to be durable.
+    pub fn sync_handle(&self) -> Arc<LogSync> {
+        self.sync.clone()
     }
 
     /// Open and read the log; returns it and the regions marked in it.
@@ -96,7 +194,7 @@ impl DirtyLog {
         let marked = (0..nregions)
             .filter(|&r| bits[(r / 8) as usize] & (1 << (r % 8)) != 0)
             .collect();
-        Ok((DirtyLog { file, bits }, marked))
+        Ok((DirtyLog::new(file, bits), marked))
     }
 
     pub fn is_marked(&self, region: u64) -> bool {
@@ -106,27 +204,72 @@ impl DirtyLog {
     /// Mark regions and make the marks durable before returning.
     ///
     /// # Errors
-    /// A failed write or sync. The regions then stay unmarked in memory, so the next write
-    /// to them marks them again (rewriting the page) instead of trusting a mark that may
-    /// never have reached the disk.
+    /// A failed write or sync. The regions then count as unmarked, so the next write to them
+    /// marks them again (rewriting the page) instead of trusting a mark that may never have
+    /// reached the disk.
     pub fn mark(&mut self, regions: &[u64]) -> Result<()> {
-        let mut pages: Vec<u64> = Vec::new();
-        let mut new: Vec<u64> = Vec::new();
-        for &r in regions {
-            if !self.is_marked(r) {
-                self.bits[(r / 8) as usize] |= 1 << (r % 8);
-                new.push(r);
-            }
-            pages.push(r / BITS_PER_PAGE);
+        match self.mark_unsynced(regions)? {
+            Some(generation) => self.sync.wait(generation),
+            None => Ok(()),
         }
+    }
+
+    /// Forget marks whose sync failed (they count as unmarked), and the bookkeeping of marks
+    /// known durable.
+    fn settle_unsynced(&mut self) {
+        if self.unsynced.is_empty() {
+            return;
+        }
+        let failed = self.sync.failed();
+        let durable = self.sync.state.lock().durable;
+        let mut keep = Vec::new();
+        for &(r, g) in &self.unsynced {
+            if g <= failed {
+                self.bits[(r / 8) as usize] &= !(1 << (r % 8));
+            } else if g > durable {
+                keep.push((r, g));
+            }
+        }
+        self.unsynced = keep;
+    }
+
+    /// Set the marks of `regions` and write their pages without syncing. Returns the
+    /// generation to pass to `LogSync::wait` before any write to them, if any of them is not
+    /// known durable yet (this call's marks, or another writer's still in flight).
+    ///
+    /// # Errors
+    /// A failed page write: the new marks are undone.
+    pub fn mark_unsynced(&mut self, regions: &[u64]) -> Result<Option<u64>> {
+        self.settle_unsynced();
+        let mut wait = self
+            .unsynced
+            .iter()
+            .filter(|(r, _)| regions.contains(r))
+            .map(|&(_, g)| g)
+            .max();
+        let new: Vec<u64> = regions
+            .iter()
+            .copied()
+            .filter(|&r| !self.is_marked(r))
+            .collect();
+        if new.is_empty() {
+            return Ok(wait);
+        }
+        for &r in &new {
+            self.bits[(r / 8) as usize] |= 1 << (r % 8);
+        }
+        let mut pages: Vec<u64> = new.iter().map(|r| r / BITS_PER_PAGE).collect();
         pages.dedup();
-        let res = self.write_pages(&pages);
-        if res.is_err() {
+        if let Err(e) = self.write_pages_unsynced(&pages) {
             for r in new {
                 self.bits[(r / 8) as usize] &= !(1 << (r % 8));
             }
+            return Err(e);
         }
-        res
+        let generation = self.sync.written.fetch_add(1, Ordering::AcqRel) + 1;
+        self.unsynced.extend(new.iter().map(|&r| (r, generation)));
+        wait = Some(generation);
+        Ok(wait)
     }
 
     /// Clear every mark durably (after the map flush that covers them is durable).
@@ -137,6 +280,8 @@ impl DirtyLog {
     /// Clear every mark but those of `keep` durably (after the map flush that covers the
     /// cleared ones is durable). Writes only the pages that change.
     pub fn retain_only(&mut self, keep: &[u64]) -> Result<()> {
+        // Writers are quiesced, so every mark is settled: durable, or failed and dropped here.
+        self.settle_unsynced();
         let mut next = vec![0u8; self.bits.len()];
         for &r in keep {
             if self.is_marked(r) {
@@ -157,18 +302,24 @@ impl DirtyLog {
     }
 
     fn write_pages(&mut self, pages: &[u64]) -> Result<()> {
+        self.write_pages_unsynced(pages)?;
+        self.file.sync()
+    }
+
+    fn write_pages_unsynced(&self, pages: &[u64]) -> Result<()> {
         for &p in pages {
             let s = p as usize * PAGE;
             self.file
                 .write_at(&self.bits[s..s + PAGE], PAGE as u64 + s as u64)?;
         }
-        self.file.sync()
+        Ok(())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use parking_lot::Mutex;
 
     #[test]
     fn marks_survive_reopen_and_clear() {
@@ -182,6 +333,74 @@ mod tests {
         assert!(l.is_marked(3) && !l.is_marked(4));
         l.clear().unwrap();
         assert!(DirtyLog::open(&p, 40000).unwrap().1.is_empty());
+    }
+
+    #[test]
+    fn concurrent_marks_share_syncs_and_all_survive_reopen() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("l");
+        let log = Mutex::new(DirtyLog::create(&p, 100_000).unwrap());
+        let sync = log.lock().sync_handle();
+        std::thread::scope(|s| {
+            for t in 0..4u64 {
+                let (log, sync) = (&log, &sync);
+                s.spawn(move || {
+                    for i in 0..50u64 {
+                        // Regions on several log pages; each thread's own, plus one shared.
+                        let r = [t * 25_000 + i, 99_999];
+                        let g = log.lock().mark_unsynced(&r).unwrap();
+                        if let Some(g) = g {
+                            sync.wait(g).unwrap();
+                        }
+                    }
+                });
+            }
+        });
+        drop(log);
+        let (_, marked) = DirtyLog::open(&p, 100_000).unwrap();
+        let mut want: Vec<u64> = (0..4u64)
+            .flat_map(|t| (0..50).map(move |i| t * 25_000 + i))
+            .collect();
+        want.push(99_999);
+        assert_eq!(marked, want);
+    }
+
+    #[test]
+    fn a_failed_sync_fails_its_writers_and_their_marks_are_written_again() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("l");
+        let mut l = DirtyLog::create(&p, 40000).unwrap();
+        let sync = l.sync_handle();
+        let g1 = l.mark_unsynced(&[5]).unwrap().expect("a new mark waits");
+        // Another writer into the same region before the sync: it waits for the same one.
+        assert_eq!(l.mark_unsynced(&[5]).unwrap(), Some(g1));
+        crate::track::powerloss::fail_next_sync(&p);
+        assert!(sync.wait(g1).is_err(), "the failed sync fails the write");
+        // A later sync succeeding does not vouch for the failed one.
+        let g2 = l.mark_unsynced(&[39999]).unwrap().unwrap();
+        sync.wait(g2).unwrap();
+        assert!(sync.wait(g1).is_err());
+        // The failed mark counts as unmarked: the next write to it marks it again.
+        let g3 = l.mark_unsynced(&[5]).unwrap().expect("marked again");
+        assert!(g3 > g2);
+        sync.wait(g3).unwrap();
+        assert_eq!(l.mark_unsynced(&[5, 39999]).unwrap(), None, "durable now");
+        drop(l);
+        assert_eq!(DirtyLog::open(&p, 40000).unwrap().1, vec![5, 39999]);
+    }
+
+    #[test]
+    fn a_failed_page_write_leaves_the_region_unmarked() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("l");
+        let mut l = DirtyLog::create(&p, 10).unwrap();
+        crate::track::powerloss::fail_next_write(&p);
+        assert!(l.mark_unsynced(&[3]).is_err());
+        assert!(!l.is_marked(3));
+        l.mark(&[3]).unwrap();
+        assert!(l.is_marked(3));
+        drop(l);
+        assert_eq!(DirtyLog::open(&p, 10).unwrap().1, vec![3]);
     }
 
     #[test]

@@ -515,21 +515,42 @@ impl Tracker {
     /// # Errors
     /// A failed log write: the data write must then not happen.
     pub fn before_write(&mut self, off: u64, len: u64) -> Result<()> {
+        if let Some(generation) = self.mark_for_write(off, len)? {
+            self.log.sync_handle().wait(generation)?;
+        }
+        self.stamp_write(off, len);
+        Ok(())
+    }
+
+    /// The first half of `before_write`, for a caller that waits for the log sync without
+    /// holding the tracker (group commit, see `log`): mark the regions the write touches in
+    /// the log, unsynced. Returns the generation to wait for (`log_sync().wait`) if some of
+    /// them are not known durable yet; `stamp_write` follows only once that wait succeeded.
+    ///
+    /// # Errors
+    /// A failed log write: the data write must then not happen.
+    pub fn mark_for_write(&mut self, off: u64, len: u64) -> Result<Option<u64>> {
         if len == 0 {
-            return Ok(());
+            return Ok(None);
         }
-        let bs = self.header.block_size as u64;
-        let first = off / bs;
-        let last = ((off + len - 1) / bs).min(self.header.nblocks - 1);
-        let regions = first / REGION_BLOCKS..=last / REGION_BLOCKS;
-        let new: Vec<u64> = regions
-            .clone()
-            .filter(|r| !self.log.is_marked(*r))
-            .collect();
-        if !new.is_empty() {
-            self.log.mark(&new)?;
+        let (first, last) = self.block_span(off, len);
+        let regions: Vec<u64> = (first / REGION_BLOCKS..=last / REGION_BLOCKS).collect();
+        self.log.mark_unsynced(&regions)
+    }
+
+    /// What the writers of `mark_for_write` wait on for their marks to be durable.
+    pub fn log_sync(&self) -> std::sync::Arc<log::LogSync> {
+        self.log.sync_handle()
+    }
+
+    /// The second half of `before_write`, once the regions' marks are durable: stamp the
+    /// write's blocks with the current number and note them for the next flush.
+    pub fn stamp_write(&mut self, off: u64, len: u64) {
+        if len == 0 {
+            return;
         }
-        for r in regions {
+        let (first, last) = self.block_span(off, len);
+        for r in first / REGION_BLOCKS..=last / REGION_BLOCKS {
             if !self.dirty[r as usize] {
                 self.dirty[r as usize] = true;
                 self.marked.push(r);
@@ -542,7 +563,14 @@ impl Tracker {
         }
         self.map
             .stamp(first, last - first + 1, self.header.current_seq);
-        Ok(())
+    }
+
+    /// First and last block a write of `len` (> 0) bytes at `off` touches.
+    fn block_span(&self, off: u64, len: u64) -> (u64, u64) {
+        let bs = self.header.block_size as u64;
+        let first = off / bs;
+        let last = ((off + len - 1) / bs).min(self.header.nblocks - 1);
+        (first, last)
     }
 
     /// Make the stamps durable and age the log. The caller must have quiesced writers, and

@@ -18,6 +18,7 @@ pub enum Event {
 
 static EVENTS: Mutex<Vec<Event>> = Mutex::new(Vec::new());
 static FAIL: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+static FAIL_SYNC: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 
 /// Make the next write to `path` fail (as on a full copy-on-write filesystem or a bad disk).
 pub fn fail_next_write(path: &Path) {
@@ -27,6 +28,23 @@ pub fn fail_next_write(path: &Path) {
 /// Whether this write to `path` is to fail (consumes the injected failure).
 pub fn should_fail(path: &Path) -> bool {
     let mut f = FAIL.lock();
+    match f.iter().position(|p| p == path) {
+        Some(i) => {
+            f.remove(i);
+            true
+        }
+        None => false,
+    }
+}
+
+/// Make the next sync of `path` fail (as after a write-back error the kernel reports once).
+pub fn fail_next_sync(path: &Path) {
+    FAIL_SYNC.lock().push(path.to_path_buf());
+}
+
+/// Whether this sync of `path` is to fail (consumes the injected failure).
+pub fn sync_should_fail(path: &Path) -> bool {
+    let mut f = FAIL_SYNC.lock();
     match f.iter().position(|p| p == path) {
         Some(i) => {
             f.remove(i);
