@@ -12,69 +12,8 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use common::smallfs::SmallFs;
 use common::*;
-
-/// A size-limited tmpfs, unmounted (lazily, so a busy one never lingers) on drop.
-struct SmallFs {
-    dir: PathBuf,
-}
-
-impl SmallFs {
-    fn new(at: PathBuf, size: &str) -> SmallFs {
-        std::fs::create_dir_all(&at).unwrap();
-        let st = Command::new("mount")
-            .args([
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={size},mode=0700"),
-                "tmpfs",
-            ])
-            .arg(&at)
-            .status()
-            .unwrap();
-        assert!(st.success(), "mount tmpfs on {}", at.display());
-        SmallFs { dir: at }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.join(name)
-    }
-
-    /// Fill the filesystem with `filler` until ENOSPC, then give back `room` bytes.
-    fn fill(&self, room: u64) {
-        let p = self.path("filler");
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&p)
-            .unwrap();
-        // Big chunks first, then pages, so the filesystem ends truly full.
-        for chunk in [1 << 20, 4096] {
-            let buf = vec![0xa5u8; chunk];
-            loop {
-                match f.write(&buf) {
-                    Ok(n) if n == buf.len() => {}
-                    Ok(_) => break,
-                    Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
-                    Err(e) => panic!("filler: {e}"),
-                }
-            }
-        }
-        let len = f.metadata().unwrap().len();
-        f.set_len(len.saturating_sub(room)).unwrap();
-    }
-
-    fn unfill(&self) {
-        let _ = std::fs::remove_file(self.path("filler"));
-    }
-}
-
-impl Drop for SmallFs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
-    }
-}
 
 /// An `Env` whose store lives on a `size` tmpfs (the image stays in the temp dir).
 fn env_on_small_store(size_bytes: usize, data: &[u8], fs_size: &str) -> (Env, SmallFs) {

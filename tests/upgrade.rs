@@ -11,6 +11,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
+use common::smallfs::SmallFs;
 use common::*;
 
 const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/v1-store");
@@ -349,4 +350,50 @@ fn a_damaged_v1_point_can_be_deleted_and_the_rest_upgraded() {
     v.assert_exact(&kept);
     let out = v.ok(&["verify"]);
     assert!(out.contains("all good"), "{out}");
+}
+
+/// The store's filesystem full during `upgrade` (issue 13, part 3): with a little more room at
+/// each try, every failed upgrade is one stderr line and leaves the store in format 1, and the
+/// first one with room enough converts every point exactly. A tmpfs is mounted, so root only.
+#[test]
+fn upgrade_on_a_full_store_fails_in_one_line_and_later_succeeds() {
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIP: upgrade_on_a_full_store_fails_in_one_line_and_later_succeeds: not root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let fs = SmallFs::new(dir.path().join("storefs"), "4M");
+    let store = fs.path("store");
+    run_ok(
+        "cp",
+        &["-a", &format!("{FIXTURE}/store"), store.to_str().unwrap()],
+    );
+    let v = V1 { dir, store };
+    let (mut failures, mut room) = (0u64, 0u64);
+    loop {
+        fs.unfill();
+        fs.fill(room);
+        let o = v.run(&["upgrade"]);
+        if o.status.success() {
+            break;
+        }
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert_eq!(err.lines().count(), 1, "room {room}: one line, got {err:?}");
+        assert!(err.starts_with("vmref: "), "room {room}: {err:?}");
+        assert_eq!(v.meta(), fixture_meta(), "room {room}: still format 1");
+        assert_eq!(v.has_v1_files(), (true, true), "room {room}: v1 data kept");
+        failures += 1;
+        room += 16 << 10;
+        assert!(room < 4 << 20, "upgrade never succeeded; last error: {err}");
+    }
+    fs.unfill();
+    assert!(
+        failures > 0,
+        "the first try had no room at all and must fail"
+    );
+    eprintln!(
+        "upgrade_on_a_full_store: {failures} failed tries on a full store, then converted with \
+         {room} bytes free; 0 bytes lost"
+    );
+    v.assert_upgraded();
 }

@@ -16,6 +16,7 @@ use parking_lot::RwLock;
 mod backup_env;
 pub mod garage;
 mod repo_env;
+pub mod smallfs;
 #[allow(unused_imports)]
 pub use backup_env::*;
 #[allow(unused_imports)]
