@@ -7,9 +7,8 @@
 
 mod common;
 
-use std::io::Write;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use common::smallfs::SmallFs;
