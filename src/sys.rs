@@ -183,3 +183,10 @@ pub fn fadvise_willneed(fd: RawFd, off: u64, len: u64) -> io::Result<()> {
         Err(io::Error::from_raw_os_error(rc))
     }
 }
+
+/// The system's memory page size (4096 where sysconf cannot say).
+pub fn page_size() -> u64 {
+    // SAFETY: sysconf only reads a system setting.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if n > 0 { n as u64 } else { 4096 }
+}

@@ -101,10 +101,18 @@ struct KindGuard<'a> {
     entry: (u64, u64, bool),
 }
 
+/// The page cache's unit: buffered and direct writes must not share a page in flight, and on
+/// a kernel with 64 KiB pages two writes 4 KiB apart do.
+fn cache_page() -> u64 {
+    static PAGE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *PAGE.get_or_init(|| crate::sys::page_size().max(DIRECT_ALIGN))
+}
+
 impl IoKinds {
     fn enter(&self, off: u64, len: u64, direct: bool) -> KindGuard<'_> {
-        let start = off - off % DIRECT_ALIGN;
-        let end = (off + len).div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
+        let page = cache_page();
+        let start = off - off % page;
+        let end = (off + len).div_ceil(page) * page;
         let mut v = self.inflight.lock();
         while v
             .iter()
@@ -273,10 +281,10 @@ impl LiveDisk {
         // without holding the tracker, so writes into marked regions go on meanwhile and
         // concurrent first writes share one sync. The data write starts only after it.
         let mut t = self.tracker.lock();
-        if let Some(generation) = t.mark_for_write(off, len)? {
+        if let Some(w) = t.mark_for_write(off, len)? {
             let sync = t.log_sync();
             drop(t);
-            sync.wait(generation)?;
+            sync.wait(&w)?;
             t = self.tracker.lock();
         }
         t.stamp_write(off, len);
@@ -319,7 +327,8 @@ impl LiveDisk {
             Ok(n) if n == data.len() => Ok(()),
             // Short (a full filesystem): the rest through the page cache, which reports why.
             Ok(n) => self.write_buffered(&data[n..], off + n as u64),
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            // Refused by a filesystem that opened the file O_DIRECT but cannot write it so.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP)) => {
                 ::log::info!(
                     "disk {}: O_DIRECT write refused ({e}): writes go through the page cache",
                     self.name

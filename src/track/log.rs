@@ -10,9 +10,12 @@
 //! lock, then waits outside it (`LogSync::wait`) until a sync covers that page write. One
 //! waiter at a time syncs, for every page write done before it started, so marks of
 //! concurrent writers share one sync, and writers into regions already durable never wait
-//! behind another's sync. A failed sync fails every write it covered, and the marks it
-//! covered count as unmarked from then on (even if a later sync succeeds: the kernel may have
-//! dropped the failed pages), so the next write to them writes their page again.
+//! behind another's sync. A failed sync fails every write that depends on a mark not yet
+//! durable when it failed: the kernel drops a page whose write-back failed and reports the
+//! error once, so any page write not known durable, including one made while the failed sync
+//! ran, may be lost. Those marks count as unmarked from then on (even if a later sync
+//! succeeds), so the next write to them writes their page again. A write depends on every
+//! mark it needs, its own and other writers' still in flight, and waits for all of them.
 //!
 //! Layout: `0 magic "VMREFLOG" | 8 major u16 | 10 minor u16 | 16 nregions u64 | 4092 crc u32`,
 //! then the bitmap from offset 4096, padded to 4 KiB.
@@ -70,7 +73,11 @@ pub struct DirtyLog {
 #[derive(Debug)]
 pub struct LogSync {
     file: Arc<DurableFile>,
-    /// Generation of the last page write that completed (writes count from 1).
+    /// Generation of the last page write begun (writes count from 1): taken before the write,
+    /// so a write under way while a sync fails is counted in that failure.
+    begun: AtomicU64,
+    /// Generation of the last page write that completed (page writes run one at a time,
+    /// under the tracker's lock, so they complete in order).
     written: AtomicU64,
     state: Mutex<SyncState>,
     done: Condvar,
@@ -78,37 +85,52 @@ pub struct LogSync {
 
 #[derive(Debug, Default)]
 struct SyncState {
-    /// Every page write up to this generation is durable...
+    /// Every page write up to this generation reached a successful sync...
     durable: u64,
-    /// ...except those up to this one, whose sync failed.
-    failed: u64,
+    /// ...except those in these ranges `(lo, hi]`, lost to a failed sync: lo was durable when
+    /// it failed, hi the last write begun by the time it returned.
+    failed: Vec<(u64, u64)>,
     syncing: bool,
 }
+
+impl SyncState {
+    fn is_failed(&self, generation: u64) -> bool {
+        self.failed
+            .iter()
+            .any(|&(lo, hi)| lo < generation && generation <= hi)
+    }
+}
+
+/// The marks one write needs durable before it may go ahead: their page writes' generations.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MarkWait(Vec<u64>);
 
 impl LogSync {
     fn new(file: Arc<DurableFile>) -> Arc<LogSync> {
         Arc::new(LogSync {
             file,
+            begun: AtomicU64::new(0),
             written: AtomicU64::new(0),
             state: Mutex::new(SyncState::default()),
             done: Condvar::new(),
         })
     }
 
-    /// Return once page write `generation` is durable: sync it (and every write before it)
-    /// unless another waiter's sync already covers it.
+    /// Return once every mark of `w` is durable: sync (every page write done so far) unless
+    /// another waiter's sync already covers them.
     ///
     /// # Errors
-    /// The sync covering it failed: the write that waits must not happen.
-    pub fn wait(&self, generation: u64) -> Result<()> {
+    /// A sync that failed may have lost one of them: the write that waits must not happen.
+    pub fn wait(&self, w: &MarkWait) -> Result<()> {
+        let newest = w.0.iter().copied().max().unwrap_or(0);
         let mut st = self.state.lock();
         loop {
-            if generation <= st.failed {
+            if w.0.iter().any(|&g| st.is_failed(g)) {
                 return Err(Error::io("fsync", self.file.path())(std::io::Error::other(
                     "syncing the dirty-region log failed",
                 )));
             }
-            if generation <= st.durable {
+            if newest <= st.durable {
                 return Ok(());
             }
             if st.syncing {
@@ -121,15 +143,22 @@ impl LogSync {
             st.syncing = false;
             match &r {
                 Ok(()) => st.durable = st.durable.max(target),
-                Err(_) => st.failed = st.failed.max(target),
+                Err(_) => {
+                    // Not only the writes before it: one made while it ran may have had its
+                    // page written back, failed and dropped by this very sync.
+                    let lo = st.durable;
+                    let hi = self.begun.load(Ordering::Acquire);
+                    match st.failed.last_mut() {
+                        // Failures in a row with nothing made durable between: one range.
+                        Some(last) if lo <= last.1 => last.1 = last.1.max(hi),
+                        _ if hi > lo => st.failed.push((lo, hi)),
+                        _ => {}
+                    }
+                }
             }
             self.done.notify_all();
             r?;
         }
-    }
-
-    fn failed(&self) -> u64 {
-        self.state.lock().failed
     }
 }
 
@@ -209,7 +238,7 @@ impl DirtyLog {
     /// reached the disk.
     pub fn mark(&mut self, regions: &[u64]) -> Result<()> {
         match self.mark_unsynced(regions)? {
-            Some(generation) => self.sync.wait(generation),
+            Some(w) => self.sync.wait(&w),
             None => Ok(()),
         }
     }
@@ -220,56 +249,63 @@ impl DirtyLog {
         if self.unsynced.is_empty() {
             return;
         }
-        let failed = self.sync.failed();
-        let durable = self.sync.state.lock().durable;
+        // One look at the state: a failure and a later success between two looks would pass
+        // a lost mark for a durable one.
+        let st = self.sync.state.lock();
         let mut keep = Vec::new();
         for &(r, g) in &self.unsynced {
-            if g <= failed {
+            if st.is_failed(g) {
                 self.bits[(r / 8) as usize] &= !(1 << (r % 8));
-            } else if g > durable {
+            } else if g > st.durable {
                 keep.push((r, g));
             }
         }
+        drop(st);
         self.unsynced = keep;
     }
 
-    /// Set the marks of `regions` and write their pages without syncing. Returns the
-    /// generation to pass to `LogSync::wait` before any write to them, if any of them is not
-    /// known durable yet (this call's marks, or another writer's still in flight).
+    /// Set the marks of `regions` and write their pages without syncing. Returns what to
+    /// pass to `LogSync::wait` before any write to them, if any of them is not known durable
+    /// yet (this call's marks, or other writers' still in flight: all of them, since a sync
+    /// may fail for one and succeed for another).
     ///
     /// # Errors
     /// A failed page write: the new marks are undone.
-    pub fn mark_unsynced(&mut self, regions: &[u64]) -> Result<Option<u64>> {
+    pub fn mark_unsynced(&mut self, regions: &[u64]) -> Result<Option<MarkWait>> {
         self.settle_unsynced();
-        let mut wait = self
+        let mut deps: Vec<u64> = self
             .unsynced
             .iter()
             .filter(|(r, _)| regions.contains(r))
             .map(|&(_, g)| g)
-            .max();
+            .collect();
+        deps.sort_unstable();
+        deps.dedup();
         let new: Vec<u64> = regions
             .iter()
             .copied()
             .filter(|&r| !self.is_marked(r))
             .collect();
         if new.is_empty() {
-            return Ok(wait);
+            return Ok((!deps.is_empty()).then_some(MarkWait(deps)));
         }
         for &r in &new {
             self.bits[(r / 8) as usize] |= 1 << (r % 8);
         }
         let mut pages: Vec<u64> = new.iter().map(|r| r / BITS_PER_PAGE).collect();
         pages.dedup();
+        // Counted before the write: a sync failing while it runs must count it as lost.
+        let generation = self.sync.begun.fetch_add(1, Ordering::AcqRel) + 1;
         if let Err(e) = self.write_pages_unsynced(&pages) {
             for r in new {
                 self.bits[(r / 8) as usize] &= !(1 << (r % 8));
             }
             return Err(e);
         }
-        let generation = self.sync.written.fetch_add(1, Ordering::AcqRel) + 1;
+        self.sync.written.store(generation, Ordering::Release);
         self.unsynced.extend(new.iter().map(|&r| (r, generation)));
-        wait = Some(generation);
-        Ok(wait)
+        deps.push(generation);
+        Ok(Some(MarkWait(deps)))
     }
 
     /// Clear every mark durably (after the map flush that covers them is durable).
@@ -350,7 +386,7 @@ mod tests {
                         let r = [t * 25_000 + i, 99_999];
                         let g = log.lock().mark_unsynced(&r).unwrap();
                         if let Some(g) = g {
-                            sync.wait(g).unwrap();
+                            sync.wait(&g).unwrap();
                         }
                     }
                 });
@@ -373,20 +409,47 @@ mod tests {
         let sync = l.sync_handle();
         let g1 = l.mark_unsynced(&[5]).unwrap().expect("a new mark waits");
         // Another writer into the same region before the sync: it waits for the same one.
-        assert_eq!(l.mark_unsynced(&[5]).unwrap(), Some(g1));
+        assert_eq!(l.mark_unsynced(&[5]).unwrap(), Some(g1.clone()));
         crate::track::powerloss::fail_next_sync(&p);
-        assert!(sync.wait(g1).is_err(), "the failed sync fails the write");
+        assert!(sync.wait(&g1).is_err(), "the failed sync fails the write");
         // A later sync succeeding does not vouch for the failed one.
         let g2 = l.mark_unsynced(&[39999]).unwrap().unwrap();
-        sync.wait(g2).unwrap();
-        assert!(sync.wait(g1).is_err());
+        sync.wait(&g2).unwrap();
+        assert!(sync.wait(&g1).is_err());
         // The failed mark counts as unmarked: the next write to it marks it again.
         let g3 = l.mark_unsynced(&[5]).unwrap().expect("marked again");
-        assert!(g3 > g2);
-        sync.wait(g3).unwrap();
+        assert!(g3.0[0] > g2.0[0]);
+        sync.wait(&g3).unwrap();
         assert_eq!(l.mark_unsynced(&[5, 39999]).unwrap(), None, "durable now");
         drop(l);
         assert_eq!(DirtyLog::open(&p, 40000).unwrap().1, vec![5, 39999]);
+    }
+
+    #[test]
+    fn a_write_that_needs_a_lost_mark_fails_even_when_its_own_syncs() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("l");
+        let mut l = DirtyLog::create(&p, 40000).unwrap();
+        let sync = l.sync_handle();
+        // A durable mark stays good whatever fails after it.
+        let g0 = l.mark_unsynced(&[7]).unwrap().unwrap();
+        sync.wait(&g0).unwrap();
+        // Writer A marks region 5; writer B spans 5 (A's mark, in flight) and 39999 (a new
+        // mark on another log page).
+        let a = l.mark_unsynced(&[5]).unwrap().unwrap();
+        let b = l.mark_unsynced(&[5, 39999]).unwrap().unwrap();
+        assert_eq!(b.0.len(), 2, "B depends on both marks: {b:?}");
+        crate::track::powerloss::fail_next_sync(&p);
+        assert!(sync.wait(&a).is_err());
+        // Syncing again would succeed, but region 5's page may be lost: B must fail too.
+        assert!(sync.wait(&b).is_err(), "B needs A's lost mark");
+        sync.wait(&g0).unwrap();
+        assert!(l.is_marked(7));
+        // Both lost marks are made again by the next writes.
+        let c = l.mark_unsynced(&[5, 39999]).unwrap().unwrap();
+        sync.wait(&c).unwrap();
+        drop(l);
+        assert_eq!(DirtyLog::open(&p, 40000).unwrap().1, vec![5, 7, 39999]);
     }
 
     #[test]

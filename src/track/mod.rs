@@ -515,8 +515,8 @@ impl Tracker {
     /// # Errors
     /// A failed log write: the data write must then not happen.
     pub fn before_write(&mut self, off: u64, len: u64) -> Result<()> {
-        if let Some(generation) = self.mark_for_write(off, len)? {
-            self.log.sync_handle().wait(generation)?;
+        if let Some(w) = self.mark_for_write(off, len)? {
+            self.log.sync_handle().wait(&w)?;
         }
         self.stamp_write(off, len);
         Ok(())
@@ -524,12 +524,12 @@ impl Tracker {
 
     /// The first half of `before_write`, for a caller that waits for the log sync without
     /// holding the tracker (group commit, see `log`): mark the regions the write touches in
-    /// the log, unsynced. Returns the generation to wait for (`log_sync().wait`) if some of
+    /// the log, unsynced. Returns what to wait for (`log_sync().wait`) if some of
     /// them are not known durable yet; `stamp_write` follows only once that wait succeeded.
     ///
     /// # Errors
     /// A failed log write: the data write must then not happen.
-    pub fn mark_for_write(&mut self, off: u64, len: u64) -> Result<Option<u64>> {
+    pub fn mark_for_write(&mut self, off: u64, len: u64) -> Result<Option<log::MarkWait>> {
         if len == 0 {
             return Ok(None);
         }
