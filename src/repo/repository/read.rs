@@ -164,6 +164,9 @@ impl Repository {
                 }
                 let run = &mut scratch[..len];
                 let name = first.pack.object_name();
+                for _ in at..next {
+                    crate::repo::faults::before_read(BlobKind::Data, &name)?;
+                }
                 match self.backend.get_range_into(&name, start, run) {
                     Ok(()) => {
                         for (e, i) in &order[at..next] {
