@@ -327,6 +327,39 @@ fn a_wrong_or_missing_key_is_one_line_and_changes_nothing() {
     }
 }
 
+/// A replaced config that says "not encrypted" (someone with write access to the bucket or
+/// directory) must not make a store with a key write its disks in the clear.
+#[test]
+fn a_config_downgraded_to_plain_is_refused() {
+    let mut rng = Rng(test_seed("a_config_downgraded_to_plain") | 1);
+    let data = marked(&mut rng, 1 << 20, 4);
+    let mut e = Env::with_init(SIZE, &data, &["--encrypt"], Vec::new(), None);
+    e.ok(&["backup", "p0"]);
+    e.random_writes(&mut rng, 10);
+    let plain = Env::with_init(SIZE, &data, &[], Vec::new(), None);
+    let config = e.store.join("repo/config");
+    let kept = std::fs::read(&config).unwrap();
+    std::fs::copy(plain.store.join("repo/config"), &config).unwrap();
+    // The sealed index objects would not load as plain ones: an attacker removes them too.
+    let index = e.store.join("repo/index");
+    let index_aside = e.path("index-aside");
+    std::fs::rename(&index, &index_aside).unwrap();
+    std::fs::create_dir(&index).unwrap();
+    let before = files(&e.store.join("repo"));
+    for args in [&["backup", "p1"][..], &["verify"]] {
+        let err = e.fails(args);
+        one_line(&err);
+        assert!(err.contains("not encrypted"), "{args:?}: {err}");
+    }
+    assert_eq!(files(&e.store.join("repo")), before, "nothing written");
+    assert!(marker_in(&e.store.join("repo")).is_empty(), "no plaintext");
+    std::fs::write(&config, kept).unwrap();
+    std::fs::remove_dir(&index).unwrap();
+    std::fs::rename(&index_aside, &index).unwrap();
+    e.ok(&["backup", "p1"]);
+    assert_same("p1", &e.restore("p1"), &e.model);
+}
+
 #[test]
 fn send_receive_between_encrypted_and_plain_stores_is_exact() {
     let mut rng = Rng(test_seed("send_receive_between_encrypted_and_plain") | 1);

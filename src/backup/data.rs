@@ -93,6 +93,18 @@ impl Data {
         } else {
             Repository::open_with_key(backend, key.as_ref()).map_err(where_key)?
         };
+        // A store with a key wrote its repository encrypted: a config that now says otherwise
+        // was replaced, and following it would send the disks out in the clear.
+        if key.is_some() && repo.config().key_id.is_none() {
+            return Err(Error::Encrypted {
+                repo: repo.backend().describe(),
+                why: format!(
+                    "this store has a key file ({}) but the repository's config says it is not \
+                     encrypted; refusing to read or write it in the clear",
+                    kp.display()
+                ),
+            });
+        }
         load_damaged(store, &repo);
         Ok(Data::new(Arc::new(repo)))
     }

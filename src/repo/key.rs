@@ -103,7 +103,7 @@ impl RepoKey {
         Ok(k)
     }
 
-    /// Write this key to a new file `path`, 0600, durably (temp file, fsync, rename, fsync of
+    /// Write this key to a new file `path`, 0600, durably (temp file, fsync, hard link, fsync of
     /// the directory). Never replaces an existing file: a key file may be the only copy.
     ///
     /// # Errors
@@ -121,7 +121,11 @@ impl RepoKey {
             key_id: self.key_id().to_string(),
             created_unix: crate::store::now_unix(),
         };
-        crate::store::atomic::write_atomic(path, &format::encode(KEY_FILE, &rec))
+        // Linked into place, not renamed: a file made at `path` since the check above is
+        // kept, never replaced.
+        let tmp = crate::store::atomic::TempFile::new(path)?;
+        tmp.write_all(&format::encode(KEY_FILE, &rec))?;
+        tmp.commit_new()
     }
 }
 

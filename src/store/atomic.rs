@@ -71,6 +71,21 @@ impl TempFile {
     }
 }
 
+impl TempFile {
+    /// `commit` that never replaces: the target must not exist (a hard link fails on an
+    /// existing name, where a rename would replace it). The temp file goes either way.
+    ///
+    /// # Errors
+    /// `AlreadyExists` I/O error when the target exists; I/O failures.
+    pub fn commit_new(mut self) -> Result<()> {
+        let file = self.file.take().expect("commit once");
+        file.sync_all().map_err(Error::io("fsync", &self.tmp))?;
+        drop(file);
+        fs::hard_link(&self.tmp, &self.target).map_err(Error::io("link", &self.target))?;
+        fsync_dir(parent_dir(&self.target))
+    }
+}
+
 impl Drop for TempFile {
     fn drop(&mut self) {
         if !self.tmp.as_os_str().is_empty() {
