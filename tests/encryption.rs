@@ -8,9 +8,10 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 
 use common::garage::{BUCKET, Garage};
+use common::store_cmd::{ok, restore, vmref};
 use common::{BS, Env, MountGuard, Rng, assert_same, daemon_pid, fuse_ok, test_seed};
 use vmref::repo::backend::Backend;
 
@@ -72,23 +73,6 @@ fn one_line(err: &str) {
     assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
 }
 
-fn vmref(store: &Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_vmref"));
-    c.arg("--store").arg(store);
-    c.env_remove("VMREF_STORE");
-    c
-}
-
-fn ok(store: &Path, args: &[&str]) -> String {
-    let o = vmref(store).args(args).output().unwrap();
-    assert!(
-        o.status.success(),
-        "vmref {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8(o.stdout).unwrap()
-}
-
 fn fails(store: &Path, args: &[&str]) -> String {
     let o = vmref(store).args(args).output().unwrap();
     assert!(!o.status.success(), "vmref {args:?} should fail");
@@ -118,25 +102,6 @@ fn pipe_ok(from: &Path, send: &[&str], to: &Path) -> String {
         String::from_utf8_lossy(&r.stderr)
     );
     String::from_utf8(r.stdout).unwrap()
-}
-
-fn restore_from(store: &Path, point: &str, scratch: &Path) -> Vec<u8> {
-    let to = scratch.join(format!("r-{point}.img"));
-    ok(
-        store,
-        &[
-            "restore",
-            point,
-            "--disk",
-            "disk0",
-            "--to",
-            to.to_str().unwrap(),
-            "--force",
-        ],
-    );
-    let b = std::fs::read(&to).unwrap();
-    std::fs::remove_file(&to).unwrap();
-    b
 }
 
 /// The same writes into both stores' disks: random data with the marker in it.
@@ -397,11 +362,11 @@ fn send_receive_between_encrypted_and_plain_stores_is_exact() {
     let scratch = e.path("");
     for store in [&plain, &keyed] {
         for (p, m) in &models {
-            assert_same(p, &restore_from(store, p, &scratch), m);
+            assert_same(p, &restore(store, p, &scratch), m);
         }
         ok(store, &["verify"]);
     }
-    assert_same("p2", &restore_from(&keyed2, "p2", &scratch), &models[2].1);
+    assert_same("p2", &restore(&keyed2, "p2", &scratch), &models[2].1);
     ok(&keyed2, &["verify"]);
     assert_eq!(marker_in(&keyed), Vec::<PathBuf>::new());
     assert_eq!(marker_in(&keyed2), Vec::<PathBuf>::new());

@@ -7,18 +7,12 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 
+use common::store_cmd::{ok, restore, vmref};
 use common::{BS, Env, MountGuard, Rng, assert_same, daemon_pid, fuse_ok, is_mounted, test_seed};
 
 const SIZE: usize = 2 << 20;
-
-fn vmref(store: &Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_vmref"));
-    c.arg("--store").arg(store);
-    c.env_remove("VMREF_STORE");
-    c
-}
 
 /// `vmref --store FROM send SEND | vmref --store TO receive RECV` through an OS pipe.
 fn pipe(from: &Path, send: &[&str], to: &Path, recv: &[&str]) -> (Output, Output) {
@@ -50,16 +44,6 @@ fn pipe_ok(from: &Path, send: &[&str], to: &Path, recv: &[&str]) -> String {
     String::from_utf8(r.stdout).unwrap()
 }
 
-fn ok(store: &Path, args: &[&str]) -> String {
-    let o = vmref(store).args(args).output().unwrap();
-    assert!(
-        o.status.success(),
-        "vmref {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8(o.stdout).unwrap()
-}
-
 /// Run, insist on failure with exactly one stderr line; that line.
 fn fails(store: &Path, args: &[&str]) -> String {
     let o = vmref(store).args(args).output().unwrap();
@@ -71,25 +55,6 @@ fn one_line(o: &Output) -> String {
     let e = String::from_utf8(o.stderr.clone()).unwrap();
     assert_eq!(e.lines().count(), 1, "one stderr line expected: {e:?}");
     e
-}
-
-fn restore(store: &Path, point: &str, dir: &Path) -> Vec<u8> {
-    let to = dir.join(format!("r-{point}.img"));
-    ok(
-        store,
-        &[
-            "restore",
-            point,
-            "--disk",
-            "disk0",
-            "--to",
-            to.to_str().unwrap(),
-            "--force",
-        ],
-    );
-    let b = std::fs::read(&to).unwrap();
-    std::fs::remove_file(&to).unwrap();
-    b
 }
 
 /// Names and ids of a store's points: what "the target is as before" compares.

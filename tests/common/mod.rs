@@ -17,6 +17,7 @@ mod backup_env;
 pub mod garage;
 mod repo_env;
 pub mod smallfs;
+pub mod store_cmd;
 #[allow(unused_imports)]
 pub use backup_env::*;
 #[allow(unused_imports)]
