@@ -128,6 +128,12 @@ pub trait BlobStore: Send + Sync {
     /// `Error::Format` when the blob is missing or its bytes do not match its hash; I/O
     /// failures.
     fn get(&self, kind: BlobKind, hash: &Hash) -> Result<Vec<u8>>;
+
+    /// The id `put` gives these bytes: their BLAKE3 hash unless the store keys its ids (an
+    /// encrypted repository).
+    fn id_of(&self, data: &[u8]) -> Hash {
+        Hash::of(data)
+    }
 }
 
 /// Error for a blob that is not where its map says it is, or not what its hash says.

@@ -677,6 +677,10 @@ impl Repository {
 }
 
 impl BlobStore for Repository {
+    fn id_of(&self, data: &[u8]) -> Hash {
+        Repository::id_of(self, data)
+    }
+
     fn put(&self, kind: BlobKind, data: &[u8]) -> Result<Hash> {
         let _gc = self.gc_lock.read();
         match self.prepare(data)? {

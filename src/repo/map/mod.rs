@@ -139,7 +139,8 @@ fn store_node<S: BlobStore + ?Sized>(
     match node::encode(level, entries) {
         None => Ok(Hash::ZERO),
         Some(bytes) => {
-            let h = Hash::of(&bytes);
+            // The store's own id (keyed when encrypted), or `unchanged` would never match.
+            let h = store.id_of(&bytes);
             if h == unchanged {
                 return Ok(h);
             }

@@ -44,6 +44,9 @@ impl BlobStore for Counting {
         self.gets.fetch_add(1, Relaxed);
         self.inner.get(kind, hash)
     }
+    fn id_of(&self, data: &[u8]) -> Hash {
+        self.inner.id_of(data)
+    }
 }
 
 type Model = BTreeMap<u64, Hash>;
