@@ -112,6 +112,10 @@ fn copy_data(
                             .collect();
                         if let Err(e) = data.repo.read_located_into(found, &mut blobs) {
                             failed.store(true, Ordering::Relaxed);
+                            // Keep taking jobs until the planner sees `failed` and stops:
+                            // the job channel outlives the workers, and a planner blocked
+                            // on a full channel with no one taking would hang the restore.
+                            while job_rx.lock().recv().is_ok() {}
                             return Err(e);
                         }
                         if full_tx.send((first * bs, buf)).is_err() {
