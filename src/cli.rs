@@ -31,7 +31,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     #[command(
-        after_help = "Examples:\n  vmref --store /srv/vm1 init\n  vmref --store /srv/vm1 init --block-size 128K --compression zstd:6"
+        after_help = "Examples:\n  vmref --store /srv/vm1 init\n  vmref --store /srv/vm1 init --block-size 128K --compression zstd:6\n  vmref --store /srv/vm1 init --repository s3://backups/vms\n  vmref --store /srv/vm2 init --repository s3://backups/vms --attach --key-file /srv/vm1/repo.key"
     )]
     /// Create the store
     Init {
@@ -41,9 +41,15 @@ pub enum Command {
         /// Compression of stored blocks: none, zstd (level 3) or zstd:1 to zstd:19
         #[arg(long, value_name = "ALGO")]
         compression: Option<String>,
-        /// Keep backup data in an S3 bucket (s3://BUCKET[/PREFIX]) instead of STORE/repo
+        /// Keep backup data in an S3 bucket (s3://BUCKET[/PREFIX]) or a directory (an
+        /// absolute path) instead of STORE/repo
         #[arg(long, value_name = "URL")]
         repository: Option<String>,
+        /// Back up into the existing repository named by --repository, shared with the stores
+        /// already in it (blocks are stored once across them); an encrypted one needs
+        /// --key-file with a copy of its key
+        #[arg(long, requires = "repository", conflicts_with_all = ["encrypt", "no_encrypt", "compression"])]
+        attach: bool,
         /// Encrypt the repository under a new key kept in STORE/repo.key (the default for
         /// s3:// repositories)
         #[arg(long, conflicts_with = "no_encrypt")]

@@ -161,14 +161,15 @@ fn load_damaged(store: &Store, repo: &Repository) {
     }
 }
 
-/// The backend of a store's repository: `repository` (an `s3://` location) when set, else
-/// `ROOT/repo` (created if missing).
+/// The backend of a store's repository: `repository` (an `s3://` location or a directory)
+/// when set, else `ROOT/repo` (created if missing).
 ///
 /// # Errors
 /// A bad location or S3 settings; failure to create the directory.
 pub fn backend(root: &std::path::Path, repository: Option<&str>) -> Result<Arc<dyn Backend>> {
     Ok(match repository {
-        Some(loc) => crate::s3::open_cached(loc, root)?,
+        Some(loc) if crate::s3::is_location(loc) => crate::s3::open_cached(loc, root)?,
+        Some(dir) => Arc::new(LocalBackend::new(std::path::Path::new(dir))?),
         None => Arc::new(LocalBackend::new(&root.join(crate::store::REPO_DIR))?),
     })
 }

@@ -1,6 +1,8 @@
 //! Garbage collection: mark every blob that a restorable point's map (or a partial receive's,
-//! see `replicate::receive`) reaches (its nodes and blocks), then let the repository delete packs that hold no marked blob and compact packs
-//! that are mostly unmarked (`Repository::collect`).
+//! see `replicate::receive`, or another store's published point, see `shared`) reaches (its
+//! nodes and blocks), then let the repository delete packs that hold no marked blob and
+//! compact packs that are mostly unmarked (`Repository::collect`). It runs under the
+//! repository's exclusive lock, and is put off while another process writes to it.
 //!
 //! Safe at any moment, twice, or after a crash halfway (invariant 4): it only removes what no
 //! committed point reaches, and the repository writes compacted packs and their index before
@@ -21,7 +23,7 @@ use crate::store::records::RefState;
 use super::data::{Data, map_of};
 
 /// What a collection did, for `prune` and `ref delete` to report.
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct GcReport {
     /// Blobs (blocks and map nodes) still needed.
     pub live_blobs: u64,
@@ -30,6 +32,18 @@ pub struct GcReport {
     /// Bytes the repository shrank by: packs and index objects deleted, less what compaction
     /// wrote.
     pub freed_bytes: u64,
+    /// Why nothing was collected this time (another process writes to the repository); the
+    /// garbage waits for a later collection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub put_off: Option<String>,
+}
+
+/// How long a collection keeps trying to get the repository to itself.
+const COLLECT_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Up to 200 ms of jitter, so two collectors do not meet in step.
+fn rand_ms() -> u64 {
+    crate::store::random_bytes().map_or(0, |b| u64::from(b[0]) * 200 / 256)
 }
 
 /// Collect every blob no restorable point needs.
@@ -37,6 +51,26 @@ pub struct GcReport {
 /// # Errors
 /// `Format` for a point whose map cannot be read (nothing is deleted then); I/O failures.
 pub fn collect(store: &Store, data: &Data) -> Result<GcReport> {
+    // Unpublish what this store deleted, publish what it holds (see `shared`).
+    super::shared::reconcile(store, data)?;
+    // Writers hold the repository for seconds at a time: look again for a few seconds
+    // before putting the collection off.
+    let start = std::time::Instant::now();
+    let _lock = loop {
+        match super::shared::collect_lock(store, data)? {
+            Ok(l) => break l,
+            Err(_) if start.elapsed() < COLLECT_WAIT => {
+                std::thread::sleep(std::time::Duration::from_millis(100 + rand_ms()));
+            }
+            Err(why) => {
+                log::info!("repository collection put off: {why}");
+                return Ok(GcReport {
+                    put_off: Some(why),
+                    ..GcReport::default()
+                });
+            }
+        }
+    };
     let mut roots: Vec<MapRoot> = Vec::new();
     for r in store.refs()? {
         if r.state != RefState::Restorable {
@@ -63,8 +97,13 @@ pub fn collect(store: &Store, data: &Data) -> Result<GcReport> {
             });
         }
     }
-    // Blocks already durable but not yet in an index object are invisible to the marker.
+    // Every other store's published points, listed under the lock: none can be committed
+    // meanwhile.
+    roots.extend(super::shared::other_roots(store, data)?);
+    // Blocks already durable but not yet in an index object are invisible to the marker;
+    // other processes' index objects written since this one loaded its index too.
     data.repo.flush()?;
+    data.repo.refresh()?;
     let marker = RefCell::new(data.repo.gc_marker()?);
     let failed: RefCell<Option<Error>> = RefCell::new(None);
     let note = |e: Error| {
@@ -97,5 +136,6 @@ pub fn collect(store: &Store, data: &Data) -> Result<GcReport> {
         packs_deleted: rep.packs_deleted,
         packs_rewritten: rep.packs_rewritten,
         freed_bytes: rep.net_freed().max(0) as u64,
+        put_off: None,
     })
 }

@@ -507,6 +507,8 @@ pub fn repair(
     point: Option<&str>,
     progress: &dyn Progress,
 ) -> Result<VerifyReport> {
+    // Blobs stored again are needed by committed points: no collection may run meanwhile.
+    let _guard = super::shared::WriteGuard::take(store, data, "verify --repair")?;
     let mut h = Healer {
         store,
         data,

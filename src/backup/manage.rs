@@ -100,12 +100,13 @@ pub fn recover(store: &Store) -> Result<bool> {
 
 /// Collect after a delete or prune has committed. A failure leaves garbage for a later
 /// collection, never a half-done delete, so it is a warning, not the operation's error.
-fn collect_after(owner: &dyn Owner, what: &str) -> u64 {
+/// Returns the bytes freed and why nothing was collected, if it was put off.
+fn collect_after(owner: &dyn Owner, what: &str) -> (u64, Option<String>) {
     match gc::collect(owner.store(), &owner.backup_state().data) {
-        Ok(r) => r.freed_bytes,
+        Ok(r) => (r.freed_bytes, r.put_off),
         Err(e) => {
             log::warn!("{what} done, but its space was not reclaimed: {e}");
-            0
+            (0, Some(e.to_string()))
         }
     }
 }
@@ -216,6 +217,10 @@ pub struct PruneReport {
     pub kept: Vec<Kept>,
     /// Bytes the collection after the prune freed (0 in a dry run).
     pub freed_bytes: u64,
+    /// Why the collection did not run (another process writing to a shared repository, or an
+    /// error): the space is reclaimed by a later prune or delete.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub collection_put_off: Option<String>,
 }
 
 /// `prune`: delete the restorable points of one owner (or without one) that no rule of the
@@ -264,6 +269,7 @@ pub fn prune(owner: &dyn Owner, args: &PruneArgs) -> Result<PruneReport> {
         deleted: sel.deleted,
         kept: sel.kept,
         freed_bytes: 0,
+        collection_put_off: None,
     };
     if old.is_empty() || args.dry_run {
         return Ok(report);
@@ -279,7 +285,7 @@ pub fn prune(owner: &dyn Owner, args: &PruneArgs) -> Result<PruneReport> {
         remove_if_same(store, name, id)?;
     }
     atomic::remove_durable(&jp)?;
-    report.freed_bytes = collect_after(owner, "prune");
+    (report.freed_bytes, report.collection_put_off) = collect_after(owner, "prune");
     Ok(report)
 }
 

@@ -41,6 +41,7 @@ pub mod progress;
 pub mod restore;
 pub mod retention;
 pub mod run;
+pub mod shared;
 pub mod verify;
 
 use std::collections::BTreeMap;

@@ -94,8 +94,10 @@ pub fn backup(
             .rfind(|r| r.state == RefState::Restorable),
     };
     super::ensure_dirs(store)?;
+    // Before the first index lookup: no collection removes what this backup dedups against.
+    let guard = super::shared::WriteGuard::take(store, &owner.backup_state().data, "backup")?;
     let cp = owner.checkpoint_locked(name, point_owner)?;
-    let result = copy(owner, &cp, base.as_ref(), progress);
+    let result = copy(owner, &cp, base.as_ref(), &guard, progress);
     // Demote: the copy is done (or failed); the saved blocks are no longer needed. Blobs a
     // failed copy stored are garbage for the next collection.
     owner.backup_state().end_checkpoint(name);
@@ -106,6 +108,7 @@ fn copy(
     owner: &dyn Owner,
     cp: &Checkpoint,
     base: Option<&RefRecord>,
+    guard: &super::shared::WriteGuard<'_>,
     progress: &dyn Progress,
 ) -> Result<BackupReport> {
     let store = owner.store();
@@ -201,6 +204,8 @@ fn copy(
         disks: points,
         ..cp.rec.clone()
     };
+    // Published before the commit point, so that no other store's collection can miss it.
+    guard.publish(&point)?;
     // The commit point.
     store.write_ref(&point)?;
     // Every flush adds an index object and a dedup lookup that misses reads one bucket of

@@ -138,5 +138,11 @@ pub(super) fn prune(cx: &mut Ctx<'_, impl Write>, args: &PruneArgs, json: bool) 
         r.deleted.join(", "),
         r.kept.len(),
         human(r.freed_bytes)
-    ))
+    ))?;
+    match &r.collection_put_off {
+        Some(why) => cx.emit(format!(
+            "space not reclaimed yet: {why}; a later prune or delete reclaims it"
+        )),
+        None => Ok(()),
+    }
 }

@@ -64,10 +64,14 @@ fn run_to(cli: Cli, out: &mut impl Write, progress: &dyn Progress) -> Result<()>
             block_size,
             compression,
             repository,
+            attach,
             encrypt,
             no_encrypt,
             key_file,
         } => {
+            if attach {
+                return store::attach(cx, block_size, repository.unwrap_or_default(), key_file);
+            }
             // As restic does for every repository: one on storage someone else runs is
             // encrypted unless the user says otherwise; a local one keeps the old default.
             let encrypt = encrypt || key_file.is_some() || (repository.is_some() && !no_encrypt);

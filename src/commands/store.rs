@@ -36,7 +36,7 @@ pub(super) fn init(
         ..RepoOptions::default()
     };
     if let Some(r) = &repository {
-        crate::s3::parse_location(r)?;
+        check_location(r)?;
     }
     // Read (or made) before the store directory is touched: a bad key file changes nothing.
     let key = match (&key_file, encrypt) {
@@ -79,6 +79,83 @@ pub(super) fn init(
         ))?;
     }
     Ok(())
+}
+
+/// A repository location: `s3://BUCKET[/PREFIX]` or an absolute directory path.
+fn check_location(r: &str) -> Result<()> {
+    if crate::s3::is_location(r) {
+        crate::s3::parse_location(r)?;
+        Ok(())
+    } else if Path::new(r).is_absolute() {
+        Ok(())
+    } else {
+        Err(Error::BadArgument(format!(
+            "repository {r:?}: a repository location is s3://BUCKET[/PREFIX] or an absolute \
+             directory path"
+        )))
+    }
+}
+
+/// `init --repository LOC --attach`: a new store over an existing repository, deduplicating
+/// against every store already in it. Its points are published there like every store's
+/// (`backup::shared`), so each store's collection keeps the others' blocks.
+pub(super) fn attach(
+    cx: &mut Ctx<'_, impl Write>,
+    block_size: Option<String>,
+    repository: String,
+    key_file: Option<PathBuf>,
+) -> Result<()> {
+    let bs = match block_size.or(cx.config.block_size.clone()) {
+        Some(s) => store::parse_block_size(&s)?,
+        None => DEFAULT_BLOCK_SIZE,
+    };
+    check_location(&repository)?;
+    let key = key_file.as_deref().map(RepoKey::load).transpose()?;
+    let mut summary = String::new();
+    let s = Store::init_at(&cx.root, bs, Some(repository.clone()), |root| {
+        let b = backend(root, Some(&repository))?;
+        let repo = Repository::open_with_key(b, key.as_ref()).map_err(|e| match e {
+            Error::NotAStore(..) => Error::BadArgument(format!(
+                "repository {repository}: there is none to attach to (no config); \
+                 make one with `vmref init --repository {repository}`"
+            )),
+            e => e,
+        })?;
+        let be = repo.backend();
+        // A store made before points were published may hold points no other store can
+        // see: its blocks would be garbage to our collections.
+        let stores = crate::repo::snapshot::marked_stores(&**be)?;
+        if stores.is_empty() && !be.list(crate::repo::index::INDEX_PREFIX)?.is_empty() {
+            return Err(Error::BadArgument(format!(
+                "repository {repository} holds backups of a store that has not published its \
+                 points yet; run `vmref backup` or `vmref prune` on that store with this version \
+                 of vmref first"
+            )));
+        }
+        if let Some(k) = &key {
+            if repo.config().key_id.is_none() {
+                return Err(Error::BadArgument(format!(
+                    "repository {repository} is not encrypted: attach without --key-file"
+                )));
+            }
+            k.save(&root.join(KEY_FILE_NAME))?;
+        }
+        summary = format!(
+            "{} other store(s), compression {}, {}",
+            stores.len(),
+            repo.config().compression,
+            match &repo.config().key_id {
+                Some(id) => format!("encrypted, key id {id}"),
+                None => "not encrypted".into(),
+            }
+        );
+        Ok(())
+    })?;
+    cx.emit(format!(
+        "initialized store {} (block size {}) attached to repository {repository} ({summary})",
+        s.root().display(),
+        human(bs as u64),
+    ))
 }
 
 pub(super) fn upgrade(cx: &mut Ctx<'_, impl Write>, json: bool) -> Result<()> {

@@ -77,6 +77,8 @@ pub fn receive(
     let store = owner.store();
     let data = &owner.backup_state().data;
     let _op = owner.lock_ops();
+    // Held until the point is committed (or the partial receive kept and published).
+    let guard = crate::backup::shared::WriteGuard::take(store, data, "receive")?;
     let finished = replica::finish_interrupted(store, data)?;
     let targets = replica::check_targets(store, &args.apply)?;
     let (mut reader, header) = StreamReader::new(input)?;
@@ -106,6 +108,7 @@ pub fn receive(
     for t in &targets {
         replica::intend(store, t, &rec)?;
     }
+    guard.publish(&rec)?;
     store.write_ref(&rec)?;
     store.remove_partial_receive()?;
     let mut applied = Vec::new();

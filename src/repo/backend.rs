@@ -91,6 +91,21 @@ pub trait Backend: Send + Sync {
     /// I/O failures.
     fn list(&self, prefix: &str) -> Result<Vec<String>>;
 
+    /// `list` with each object's age by the backend's own clock (S3: the server's `Date`
+    /// against each object's `LastModified`; local files: now against the mtime), so that a
+    /// lock left by a host that died can be told from a live one whatever the hosts' clocks
+    /// say. A backend that cannot tell says zero: its locks never go stale.
+    ///
+    /// # Errors
+    /// I/O failures.
+    fn list_aged(&self, prefix: &str) -> Result<Vec<(String, std::time::Duration)>> {
+        Ok(self
+            .list(prefix)?
+            .into_iter()
+            .map(|n| (n, std::time::Duration::ZERO))
+            .collect())
+    }
+
     /// Remove an object; removing a missing object is not an error. Durable when it returns.
     ///
     /// # Errors
@@ -387,6 +402,21 @@ impl Backend for LocalBackend {
         }
         walk(&self.root, &start, prefix, &mut out)?;
         out.sort();
+        Ok(out)
+    }
+
+    fn list_aged(&self, prefix: &str) -> Result<Vec<(String, std::time::Duration)>> {
+        let now = std::time::SystemTime::now();
+        let mut out = Vec::new();
+        for n in self.list(prefix)? {
+            let p = self.root.join(&n);
+            match fs::metadata(&p).and_then(|m| m.modified()) {
+                Ok(t) => out.push((n, now.duration_since(t).unwrap_or_default())),
+                // Deleted since the listing: gone, not aged.
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io("stat", &p)(e)),
+            }
+        }
         Ok(out)
     }
 

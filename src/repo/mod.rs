@@ -19,10 +19,12 @@ mod faults;
 pub mod gc;
 pub mod index;
 pub mod key;
+pub mod lock;
 pub mod pack;
 pub mod repair;
 pub mod repository;
 pub mod seal;
+pub mod snapshot;
 
 use std::collections::HashMap;
 use std::fmt;

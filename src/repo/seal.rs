@@ -504,6 +504,10 @@ impl Backend for SealedBackend {
         self.inner.list(prefix)
     }
 
+    fn list_aged(&self, prefix: &str) -> Result<Vec<(String, std::time::Duration)>> {
+        self.inner.list_aged(prefix)
+    }
+
     fn delete(&self, name: &str) -> Result<()> {
         self.meta.lock().remove(name);
         self.inner.delete(name)

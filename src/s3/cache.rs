@@ -555,6 +555,10 @@ impl Backend for CachedBackend {
         self.inner.s3.list(prefix)
     }
 
+    fn list_aged(&self, prefix: &str) -> Result<Vec<(String, std::time::Duration)>> {
+        self.inner.s3.list_aged(prefix)
+    }
+
     fn delete(&self, name: &str) -> Result<()> {
         self.inner.s3.delete(name)?;
         let at = format!("{name}@");

@@ -42,6 +42,8 @@ const DEFAULT_REGION: &str = "us-east-1";
 /// seconds).
 const ATTEMPTS: u32 = 5;
 const FIRST_BACKOFF: Duration = Duration::from_millis(200);
+/// A listed key and its `LastModified`, as the server wrote it.
+type Listed = (String, Option<String>);
 
 /// The `[s3]` table of the config file, handed over once by the command line (a daemon
 /// inherits it): the library opens stores without a config in hand.
@@ -287,6 +289,8 @@ struct Reply {
     status: u16,
     body: Vec<u8>,
     content_length: Option<u64>,
+    /// The server's clock (`Date`), for the age of objects it lists.
+    date: Option<String>,
 }
 
 /// A request's body.
@@ -467,6 +471,11 @@ impl S3Backend {
             .get("content-length")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok());
+        let date = resp
+            .headers()
+            .get("date")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
         let body = if method == "HEAD" {
             Vec::new()
         } else {
@@ -480,6 +489,7 @@ impl S3Backend {
             status,
             body,
             content_length,
+            date,
         })
     }
 
@@ -547,6 +557,54 @@ impl S3Backend {
             404 => Err(missing(name)),
             _ => Err(self.unexpected("HEAD", name, &rep)),
         }
+    }
+
+    /// Every key under `prefix` (sorted, the prefix of the repository taken off) with its
+    /// `LastModified`, and the server's `Date` of the last page.
+    fn list_entries(&self, prefix: &str) -> Result<(Vec<Listed>, Option<String>)> {
+        let full = format!("{}{prefix}", self.prefix);
+        let mut out = Vec::new();
+        let mut token: Option<String> = None;
+        let mut date;
+        loop {
+            let mut q = vec![("list-type", "2"), ("prefix", full.as_str())];
+            if let Some(t) = &token {
+                q.push(("continuation-token", t));
+            }
+            let rep = self
+                .request("GET", None, &q, None, Body::Empty)
+                .map_err(|why| self.fail("LIST", prefix, why))?;
+            if rep.status != 200 {
+                return Err(self.unexpected("LIST", prefix, &rep));
+            }
+            date = rep.date.clone();
+            let text = String::from_utf8_lossy(&rep.body);
+            for c in xml_values(&text, "Contents") {
+                let Some(k) = xml_values(&c, "Key").into_iter().next() else {
+                    continue;
+                };
+                if let Some(n) = k.strip_prefix(&self.prefix) {
+                    let modified = xml_values(&c, "LastModified").into_iter().next();
+                    out.push((n.to_string(), modified));
+                }
+            }
+            let more = xml_values(&text, "IsTruncated").first().map(String::as_str) == Some("true");
+            token = xml_values(&text, "NextContinuationToken")
+                .into_iter()
+                .next();
+            if !more {
+                break;
+            }
+            if token.is_none() {
+                return Err(self.fail(
+                    "LIST",
+                    prefix,
+                    "truncated listing without a continuation token",
+                ));
+            }
+        }
+        out.sort();
+        Ok((out, date))
     }
 
     /// An unlinked file in the temp directory, for objects too large to hold in memory.
@@ -704,43 +762,33 @@ impl Backend for S3Backend {
     }
 
     fn list(&self, prefix: &str) -> Result<Vec<String>> {
-        let full = format!("{}{prefix}", self.prefix);
-        let mut out = Vec::new();
-        let mut token: Option<String> = None;
-        loop {
-            let mut q = vec![("list-type", "2"), ("prefix", full.as_str())];
-            if let Some(t) = &token {
-                q.push(("continuation-token", t));
-            }
-            let rep = self
-                .request("GET", None, &q, None, Body::Empty)
-                .map_err(|why| self.fail("LIST", prefix, why))?;
-            if rep.status != 200 {
-                return Err(self.unexpected("LIST", prefix, &rep));
-            }
-            let text = String::from_utf8_lossy(&rep.body);
-            for k in xml_values(&text, "Key") {
-                if let Some(n) = k.strip_prefix(&self.prefix) {
-                    out.push(n.to_string());
-                }
-            }
-            let more = xml_values(&text, "IsTruncated").first().map(String::as_str) == Some("true");
-            token = xml_values(&text, "NextContinuationToken")
-                .into_iter()
-                .next();
-            if !more {
-                break;
-            }
-            if token.is_none() {
-                return Err(self.fail(
-                    "LIST",
-                    prefix,
-                    "truncated listing without a continuation token",
-                ));
-            }
-        }
-        out.sort();
-        Ok(out)
+        Ok(self
+            .list_entries(prefix)?
+            .0
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect())
+    }
+
+    fn list_aged(&self, prefix: &str) -> Result<Vec<(String, std::time::Duration)>> {
+        let (entries, date) = self.list_entries(prefix)?;
+        // Without the server's clock nothing can be called old: every lock stays live.
+        let now = date.as_deref().and_then(parse_http_date);
+        Ok(entries
+            .into_iter()
+            .map(|(k, modified)| {
+                let age = match (
+                    now,
+                    modified.and_then(|m| m.parse::<jiff::Timestamp>().ok()),
+                ) {
+                    (Some(now), Some(m)) => {
+                        std::time::Duration::try_from(now.duration_since(m)).unwrap_or_default()
+                    }
+                    _ => std::time::Duration::ZERO,
+                };
+                (k, age)
+            })
+            .collect())
     }
 
     fn delete(&self, name: &str) -> Result<()> {
@@ -762,6 +810,13 @@ impl Backend for S3Backend {
     fn describe(&self) -> String {
         self.location.clone()
     }
+}
+
+/// An HTTP date (`Wed, 02 Dec 2026 18:40:00 GMT`).
+fn parse_http_date(s: &str) -> Option<jiff::Timestamp> {
+    jiff::fmt::rfc2822::DateTimeParser::new()
+        .parse_timestamp(s)
+        .ok()
 }
 
 /// The text of every `<tag>...</tag>` in `xml`, entities decoded. S3 answers are flat enough
@@ -869,5 +924,13 @@ mod tests {
         assert_eq!(xml_values(x, "Key"), vec!["p/a&b", "p/c/d"]);
         assert_eq!(xml_values(x, "IsTruncated"), vec!["false"]);
         assert_eq!(unescape("a&bogus;&lt;"), "a&bogus;<");
+    }
+
+    #[test]
+    fn server_dates() {
+        let d = parse_http_date("Wed, 02 Dec 2026 18:40:00 GMT").unwrap();
+        let m: jiff::Timestamp = "2026-12-02T18:10:00.000Z".parse().unwrap();
+        assert_eq!(d.duration_since(m).as_secs(), 1800);
+        assert!(parse_http_date("yesterday").is_none());
     }
 }

@@ -12,6 +12,7 @@
 use std::cell::RefCell;
 
 use crate::error::Result;
+use crate::repo::backend::is_missing;
 use crate::repo::index::IndexEntry;
 use crate::repo::{BlobKind, BlobStore, Hash, compress, damaged};
 
@@ -29,6 +30,19 @@ thread_local! {
 }
 
 impl Repository {
+    /// One blob through `get`, which knows pending blobs and re-reads a stale index.
+    fn get_one_into(&self, (h, out): &mut (Hash, &mut [u8])) -> Result<()> {
+        let b = self.get(BlobKind::Data, h)?;
+        if b.len() != out.len() {
+            return Err(damaged(
+                h,
+                format!("holds {} bytes, wanted {}", b.len(), out.len()),
+            ));
+        }
+        out.copy_from_slice(&b);
+        Ok(())
+    }
+
     /// Check and decode one stored blob into `out` (exactly its raw length).
     fn decode_into(&self, e: &IndexEntry, stored: &[u8], out: &mut [u8]) -> Result<()> {
         let h = &e.entry.hash;
@@ -124,18 +138,8 @@ impl Repository {
         for (i, f) in found.into_iter().enumerate() {
             match f {
                 Some(e) => order.push((e, i)),
-                None => {
-                    // Pending, or named by an index this snapshot does not hold yet.
-                    let (h, out) = &mut blobs[i];
-                    let b = self.get(BlobKind::Data, h)?;
-                    if b.len() != out.len() {
-                        return Err(damaged(
-                            h,
-                            format!("holds {} bytes, wanted {}", b.len(), out.len()),
-                        ));
-                    }
-                    out.copy_from_slice(&b);
-                }
+                // Pending, or named by an index this snapshot does not hold yet.
+                None => self.get_one_into(&mut blobs[i])?,
             }
         }
         order.sort_by_key(|(e, _)| (e.pack, e.entry.offset));
@@ -173,6 +177,13 @@ impl Repository {
                             let off = (e.entry.offset - start) as usize;
                             let stored = &run[off..off + e.entry.stored_len as usize];
                             self.decode_into(e, stored, &mut *blobs[*i].1)?;
+                        }
+                    }
+                    // Another store sharing the repository compacted this pack after our
+                    // index snapshot: `get` re-reads the index and finds the blobs' new place.
+                    Err(err) if is_missing(&err) => {
+                        for (_, i) in &order[at..next] {
+                            self.get_one_into(&mut blobs[*i])?;
                         }
                     }
                     // The run spans bytes no blob asked for (gaps, the old copy of a blob
