@@ -90,7 +90,7 @@ pub enum Command {
         json: bool,
     },
     #[command(
-        after_help = "Examples:\n  vmref --store /srv/vm1 mount /run/vmref/vm1 --allow-other\n  qemu-system-x86_64 ... -drive file=/run/vmref/vm1/live/disk0.img,format=raw,cache=none"
+        after_help = "Examples:\n  vmref --store /srv/vm1 mount /run/vmref/vm1 --allow-other\n  qemu-system-x86_64 ... -drive file=/run/vmref/vm1/live/disk0.img,format=raw,cache=none\n  vmref mount --repository s3://backups/vms --key-file /root/vms.key /mnt/vms"
     )]
     /// Mount the store: live/DISK.img tracked read-write, POINT/DISK.img read-only
     Mount {
@@ -101,6 +101,17 @@ pub enum Command {
         /// Let other users reach the mount (their access still follows file permissions)
         #[arg(long)]
         allow_other: bool,
+        /// Mount the points every store published in this repository (s3://BUCKET[/PREFIX]
+        /// or a directory) read-only as STORE@POINT/DISK.img, without any store
+        #[arg(long, value_name = "URL")]
+        repository: Option<String>,
+        /// The repository's key (a copy of a store's repo.key), for an encrypted one
+        #[arg(long, value_name = "PATH", requires = "repository")]
+        key_file: Option<PathBuf>,
+        /// Where a repository mount keeps its S3 read cache and its log (default
+        /// ~/.cache/vmref/repo-HASH)
+        #[arg(long, value_name = "DIR", requires = "repository")]
+        cache_dir: Option<PathBuf>,
     },
     #[command(after_help = "Examples:\n  vmref umount /run/vmref/vm1")]
     /// Unmount, waiting until the daemon has flushed tracking state; clears a dead mount

@@ -99,7 +99,17 @@ pub fn mount(root: &Path, opts: &MountOptions) -> Result<()> {
     // The daemon changes directory to `/`: a relative store path would stop resolving.
     let root = &std::fs::canonicalize(root).map_err(Error::io("store", root))?;
     let store = Store::open(root)?;
-    let given = &opts.mountpoint;
+    let mp = mount_point(&opts.mountpoint)?;
+    let what = root.display().to_string();
+    let log = log_path(&store);
+    run_daemon(&mp, opts.foreground, &what, &log, |ready| {
+        serve(store, &mp, opts, ready)
+    })
+}
+
+/// Check the mount point: it must be a directory and not mounted on (a dead vmref mount
+/// there is cleared). Its canonical path.
+fn mount_point(given: &Path) -> Result<PathBuf> {
     let abs = std::path::absolute(given).map_err(Error::io("resolve", given))?;
     clear_dead_mount(&abs)?;
     let mp = std::fs::canonicalize(&abs).map_err(Error::io("mount point", given))?;
@@ -117,34 +127,42 @@ pub fn mount(root: &Path, opts: &MountOptions) -> Result<()> {
             m.source
         )));
     }
-    if opts.foreground {
-        return serve(store, &mp, opts, None);
+    Ok(mp)
+}
+
+/// Serve in this process (`foreground`), or fork a daemon that logs to `log` and return once
+/// it reports the mount ready or why it failed.
+fn run_daemon(
+    mp: &Path,
+    foreground: bool,
+    what: &str,
+    log: &Path,
+    serve: impl FnOnce(Option<std::io::PipeWriter>) -> Result<()>,
+) -> Result<()> {
+    if foreground {
+        return serve(None);
     }
-    let (mut rx, tx) = std::io::pipe().map_err(Error::io("create a pipe for", &mp))?;
-    match sys::fork().map_err(Error::io("fork the daemon for", &mp))? {
+    let (mut rx, tx) = std::io::pipe().map_err(Error::io("create a pipe for", mp))?;
+    match sys::fork().map_err(Error::io("fork the daemon for", mp))? {
         Some(pid) => {
             drop(tx);
             let mut msg = String::new();
             let _ = rx.read_to_string(&mut msg);
             match msg.strip_prefix("ready") {
                 Some(_) => {
-                    log::info!(
-                        "mounted {} at {} (daemon pid {pid})",
-                        root.display(),
-                        mp.display()
-                    );
+                    log::info!("mounted {what} at {} (daemon pid {pid})", mp.display());
                     Ok(())
                 }
                 None if msg.is_empty() => Err(mount_err(format!(
                     "the daemon exited before mounting; see {}",
-                    log_path(&store).display()
+                    log.display()
                 ))),
                 None => Err(mount_err(msg.trim_end().to_string())),
             }
         }
         None => {
             drop(rx);
-            let code = match daemonize(&store).and_then(|()| serve(store, &mp, opts, Some(tx))) {
+            let code = match daemonize(log).and_then(|()| serve(Some(tx))) {
                 Ok(()) => 0,
                 Err(e) => {
                     log::error!("{e}");
@@ -160,27 +178,26 @@ fn log_path(store: &Store) -> PathBuf {
     store.root().join("daemon.log")
 }
 
-/// Detach from the terminal: own session, stdin and stdout on /dev/null, log to the store.
-fn daemonize(store: &Store) -> Result<()> {
+/// Detach from the terminal: own session, stdin and stdout on /dev/null, log to `path`.
+fn daemonize(path: &Path) -> Result<()> {
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    sys::setsid().map_err(Error::io("setsid for", store.root()))?;
+    sys::setsid().map_err(Error::io("setsid for", path))?;
     let null = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open("/dev/null")
         .map_err(Error::io("open", "/dev/null"))?;
-    let path = log_path(store);
     // 0600 like every other store file: the log names images, points and errors.
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .mode(0o600)
-        .open(&path)
-        .map_err(Error::io("open", &path))?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+        .open(path)
+        .map_err(Error::io("open", path))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .map_err(Error::io("chmod", &path))?;
-    let redirect = |fd, to| sys::dup_onto(fd, to).map_err(Error::io("redirect stdio to", &path));
+    let redirect = |fd, to| sys::dup_onto(fd, to).map_err(Error::io("redirect stdio to", path));
     redirect(null.as_raw_fd(), 0)?;
     redirect(null.as_raw_fd(), 1)?;
     redirect(log.as_raw_fd(), 2)?;
@@ -309,6 +326,72 @@ fn serve_inner(
     engine.close()?;
     log::info!("unmounted {}; tracking state flushed", mp.display());
     run.map_err(|e| mount_err(format!("serving {}: {e}", mp.display())))
+}
+
+/// What `vmref mount --repository` was asked for.
+#[derive(Debug, Clone)]
+pub struct RepoMountOptions {
+    pub location: String,
+    pub key_file: Option<PathBuf>,
+    /// Holds the S3 read cache and the daemon's log.
+    pub cache_dir: PathBuf,
+}
+
+/// Mount the published points of every store in a repository, read-only, without any of
+/// the stores (`backup::published`).
+///
+/// # Errors
+/// A missing or unreadable repository, a wrong or missing key, and the mount point errors of
+/// `mount`; each as one line.
+pub fn mount_repository(r: &RepoMountOptions, opts: &MountOptions) -> Result<()> {
+    let mp = mount_point(&opts.mountpoint)?;
+    std::fs::create_dir_all(&r.cache_dir).map_err(Error::io("create", &r.cache_dir))?;
+    let cache = std::fs::canonicalize(&r.cache_dir).map_err(Error::io("cache", &r.cache_dir))?;
+    let key = r
+        .key_file
+        .as_deref()
+        .map(crate::repo::key::RepoKey::load)
+        .transpose()?;
+    // Opened before the fork, so that a wrong location or key is the command's own error.
+    let open = || -> Result<crate::repo::repository::Repository> {
+        let backend = crate::backup::data::backend(&cache, Some(&r.location))?;
+        crate::repo::repository::Repository::open_with_key(backend, key.as_ref())
+    };
+    let repo = open().map_err(|e| match e {
+        Error::NotAStore(..) => Error::BadArgument(format!(
+            "repository {}: there is none (no config)",
+            r.location
+        )),
+        e => e,
+    })?;
+    drop(repo);
+    let log = cache.join("mount.log");
+    run_daemon(&mp, opts.foreground, &r.location, &log, |ready| {
+        let mut ready = ready;
+        let result = (|| {
+            sys::block_signals(&SIGNALS).map_err(Error::io("block signals in", &mp))?;
+            // Opened again here: the S3 client and its threads do not survive the fork.
+            let data = Arc::new(crate::backup::data::Data::new(Arc::new(open()?)));
+            let points = Arc::new(crate::backup::published::Published::new(data));
+            let (uid, gid) = sys::uid_gid();
+            let fs = Arc::new(Fs::points_only(points, uid, gid));
+            let session = Session::new(FuseFs::new(fs), &mp, &fuse_config(opts.allow_other))
+                .map_err(|e| mount_err(format!("cannot mount {}: {e}", mp.display())))?;
+            raise_readahead(&mp);
+            start_signal_thread(&mp)?;
+            if let Some(mut tx) = ready.take() {
+                let _ = tx.write_all(b"ready\n");
+            }
+            log::info!("serving repository {} at {}", r.location, mp.display());
+            session
+                .run()
+                .map_err(|e| mount_err(format!("serving {}: {e}", mp.display())))
+        })();
+        if let (Err(e), Some(mut tx)) = (&result, ready) {
+            let _ = writeln!(tx, "{e}");
+        }
+        result
+    })
 }
 
 /// The mount options and worker setup every vmref mount uses (tests mount with it too).

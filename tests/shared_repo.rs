@@ -236,6 +236,65 @@ fn concurrent_rounds(test: &str, repo: &Repo, rounds: usize) {
     check_points("c", &c, &models[2]);
     c.ok(&["verify"]);
     assert_eq!(c.restorable().len(), 1);
+    // Another host, with none of the stores: the repository mounted read-only shows every
+    // kept point of every store.
+    let kept: Vec<(String, &Vec<u8>)> =
+        [(&a.env, &models[0]), (&b.env, &models[1]), (&c, &models[2])]
+            .into_iter()
+            .flat_map(|(e, m)| e.restorable().into_iter().map(move |p| (p.clone(), &m[&p])))
+            .collect();
+    drop((a, b));
+    let far = tempfile::tempdir().unwrap();
+    let mnt = far.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let key = c.store.join("repo.key");
+    let mut args = vec!["mount", "--repository", &repo.location, "--cache-dir"];
+    let cache = far.path().join("cache");
+    args.push(cache.to_str().unwrap());
+    if key.exists() {
+        args.extend(["--key-file", key.to_str().unwrap()]);
+    }
+    args.push(mnt.to_str().unwrap());
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_vmref"))
+        .args(&args)
+        .envs(repo.envs.iter().map(|(k, v)| (k, v)))
+        .env_remove("VMREF_STORE")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let _guard = MountGuard {
+        mnt: mnt.clone(),
+        pid: None,
+        child: None,
+    };
+    let dirs: Vec<String> = std::fs::read_dir(&mnt)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(dirs.len(), kept.len(), "{dirs:?}");
+    assert!(!dirs.contains(&"live".to_string()));
+    for (p, want) in &kept {
+        let dir = dirs
+            .iter()
+            .find(|d| d.ends_with(&format!("@{p}")))
+            .unwrap_or_else(|| panic!("{p} not in {dirs:?}"));
+        let img = mnt.join(dir).join("disk0.img");
+        assert_same(
+            &format!("{dir} from the repository mount"),
+            &std::fs::read(&img).unwrap(),
+            want,
+        );
+        let e = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&img)
+            .unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
+    }
+    let o = common::store_cmd::vmref(&c.store)
+        .args(["umount", mnt.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
 #[test]

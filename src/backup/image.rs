@@ -36,15 +36,26 @@ impl PointImage {
     pub fn open(store: &Store, data: Arc<Data>, rec: &RefRecord, disk: &str) -> Result<PointImage> {
         let (map, data_blocks) = map_of(store, rec, disk)?;
         let size = rec.disks.get(disk).map(|d| d.size).unwrap_or_default();
-        Ok(PointImage {
+        Ok(PointImage::from_map(
             data,
             map,
             size,
-            bs: store.block_size() as u64,
+            store.block_size() as u64,
+            data_blocks,
+        ))
+    }
+
+    /// The image of a map found elsewhere (a point another store published).
+    pub fn from_map(data: Arc<Data>, map: MapRoot, size: u64, bs: u64, data_blocks: u64) -> Self {
+        PointImage {
+            data,
+            map,
+            size,
+            bs,
             data_blocks,
             last_end: AtomicU64::new(u64::MAX),
             ahead: AtomicU64::new(0),
-        })
+        }
     }
 }
 

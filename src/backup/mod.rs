@@ -38,6 +38,7 @@ pub mod image;
 pub mod manage;
 pub mod outcome;
 pub mod progress;
+pub mod published;
 pub mod restore;
 pub mod retention;
 pub mod run;

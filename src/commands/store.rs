@@ -368,6 +368,43 @@ pub(super) fn mount(
     crate::daemon::mount(&cx.root, &opts)
 }
 
+pub(super) fn mount_repository(
+    cx: &mut Ctx<'_, impl Write>,
+    mountpoint: PathBuf,
+    foreground: bool,
+    allow_other: bool,
+    location: String,
+    key_file: Option<PathBuf>,
+    cache_dir: Option<PathBuf>,
+) -> Result<()> {
+    check_location(&location)?;
+    let cache_dir = match cache_dir {
+        Some(d) => d,
+        None => {
+            let base = std::env::var_os("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+                .ok_or_else(|| {
+                    Error::BadArgument("no HOME or XDG_CACHE_HOME: give --cache-dir".into())
+                })?;
+            let h = blake3::hash(location.as_bytes()).to_hex();
+            base.join("vmref").join(format!("repo-{}", &h[..16]))
+        }
+    };
+    let opts = crate::daemon::MountOptions {
+        mountpoint,
+        foreground,
+        allow_other: allow_other || cx.config.allow_other.unwrap_or(false),
+        flush_interval: cx.config.flush_interval(),
+    };
+    let r = crate::daemon::RepoMountOptions {
+        location,
+        key_file,
+        cache_dir,
+    };
+    crate::daemon::mount_repository(&r, &opts)
+}
+
 pub(super) fn umount(cx: &mut Ctx<'_, impl Write>, mountpoint: &Path) -> Result<()> {
     let msg = crate::daemon::umount(mountpoint)?;
     cx.emit(msg)

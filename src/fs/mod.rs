@@ -180,7 +180,8 @@ const REOPEN_TRIES: usize = 3;
 /// The inode and handle tables sit behind coarse `RwLock`s: they are touched for a map lookup
 /// and an `Arc` clone per request, and all disk I/O happens after the lock is released.
 pub struct Fs {
-    engine: Arc<Engine>,
+    /// None for a mount of a repository's published points, which has no live disks.
+    engine: Option<Arc<Engine>>,
     points: Arc<dyn PointSource>,
     uid: u32,
     gid: u32,
@@ -208,6 +209,15 @@ fn showable(point: &str) -> bool {
 
 impl Fs {
     pub fn new(engine: Arc<Engine>, points: Arc<dyn PointSource>, uid: u32, gid: u32) -> Fs {
+        Fs::with(Some(engine), points, uid, gid)
+    }
+
+    /// Point directories only: no `live/` (a repository mounted without its stores).
+    pub fn points_only(points: Arc<dyn PointSource>, uid: u32, gid: u32) -> Fs {
+        Fs::with(None, points, uid, gid)
+    }
+
+    fn with(engine: Option<Arc<Engine>>, points: Arc<dyn PointSource>, uid: u32, gid: u32) -> Fs {
         let mut nodes = HashMap::new();
         nodes.insert(ROOT_INO, Arc::new(Node::Root));
         nodes.insert(LIVE_INO, Arc::new(Node::LiveDir));
@@ -231,8 +241,16 @@ impl Fs {
         }
     }
 
-    pub fn engine(&self) -> &Arc<Engine> {
-        &self.engine
+    pub fn engine(&self) -> Option<&Arc<Engine>> {
+        self.engine.as_ref()
+    }
+
+    /// A live disk; not found where there are no live disks.
+    fn live(&self, disk: &str) -> Result<Arc<LiveDisk>> {
+        match &self.engine {
+            Some(e) => e.disk(disk),
+            None => Err(fs_err(FsKind::NotFound, format!("/{LIVE_DIR}/{disk}{IMG}"))),
+        }
     }
 
     fn node(&self, ino: u64) -> Result<Arc<Node>> {
@@ -374,7 +392,7 @@ impl Fs {
             Node::Root => self.dir_attr(ino, 3),
             Node::LiveDir | Node::PointDir { .. } => self.dir_attr(ino, 2),
             Node::Live { disk } => {
-                let d = self.engine.disk(disk)?;
+                let d = self.live(disk)?;
                 let m = d.file().metadata().map_err(Error::io("stat", d.image()))?;
                 // The image's own owner and mode: libvirt chowns a disk to the QEMU user
                 // before starting a VM, and the kernel checks opens against these
@@ -416,7 +434,7 @@ impl Fs {
         let node = self.node(parent)?;
         let missing = || fs_err(FsKind::NotFound, format!("{}/{name}", node.path()));
         let ino = match &*node {
-            Node::Root if name == LIVE_DIR => LIVE_INO,
+            Node::Root if name == LIVE_DIR && self.engine.is_some() => LIVE_INO,
             Node::Root => {
                 let list = self.refresh_points()?;
                 let p = list.iter().find(|p| p.name == name).ok_or_else(missing)?;
@@ -427,7 +445,7 @@ impl Fs {
             }
             Node::LiveDir => {
                 let disk = disk_of(name).ok_or_else(missing)?;
-                self.engine.disk(disk).map_err(|_| missing())?;
+                self.live(disk).map_err(|_| missing())?;
                 self.intern(Node::Live {
                     disk: disk.to_string(),
                 })
@@ -473,7 +491,9 @@ impl Fs {
         let mut out = vec![dot(".", ino), dot("..", ROOT_INO)];
         match &*node {
             Node::Root => {
-                out.push(dot(LIVE_DIR, LIVE_INO));
+                if self.engine.is_some() {
+                    out.push(dot(LIVE_DIR, LIVE_INO));
+                }
                 for p in self.refresh_points()? {
                     let ino = self.intern(Node::PointDir {
                         point: p.name.clone(),
@@ -483,7 +503,7 @@ impl Fs {
                 }
             }
             Node::LiveDir => {
-                for d in self.engine.disks() {
+                for d in self.engine.iter().flat_map(|e| e.disks()) {
                     let disk = d.name().to_string();
                     let name = format!("{disk}{IMG}");
                     out.push(file(self.intern(Node::Live { disk }), name));
@@ -530,7 +550,7 @@ impl Fs {
         let node = self.node(ino)?;
         match &*node {
             Node::Live { disk } => {
-                let d = self.engine.disk(disk)?;
+                let d = self.live(disk)?;
                 Ok((self.add_handle(Handle::Live(d)), Opened::Live))
             }
             Node::PointFile { .. } if write => Err(fs_err(FsKind::ReadOnly, node.path())),
@@ -648,8 +668,7 @@ impl Fs {
                     unreachable!("matched above")
                 };
                 if set.uid.is_some() || set.gid.is_some() || set.mode.is_some() {
-                    self.engine
-                        .disk(disk)?
+                    self.live(disk)?
                         .set_owner_mode(set.uid, set.gid, set.mode)?;
                 }
                 self.attr_of(ino, &node)
@@ -674,9 +693,9 @@ impl Fs {
     /// where an ENODATA would have it try to set one and refuse to start the VM.
     pub fn getxattr(&self, ino: u64, name: &str) -> Result<Vec<u8>> {
         if ino == ROOT_INO {
-            if name == STORE_XATTR {
+            if let (STORE_XATTR, Some(root)) = (name, self.store_root()) {
                 use std::os::unix::ffi::OsStrExt;
-                return Ok(self.engine.store().root().as_os_str().as_bytes().to_vec());
+                return Ok(root.as_os_str().as_bytes().to_vec());
             }
             return Err(fs_err(FsKind::NoAttr, name.to_string()));
         }
@@ -695,8 +714,8 @@ impl Fs {
         }
     }
 
-    /// The store this filesystem serves.
-    pub fn store_root(&self) -> PathBuf {
-        self.engine.store().root().to_path_buf()
+    /// The store this filesystem serves, if it serves one.
+    pub fn store_root(&self) -> Option<PathBuf> {
+        self.engine.as_ref().map(|e| e.store().root().to_path_buf())
     }
 }

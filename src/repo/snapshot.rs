@@ -213,6 +213,18 @@ pub fn mark_store(backend: &dyn Backend, m: &StoreMark) -> Result<()> {
     Ok(())
 }
 
+/// What `stores/<id>` says.
+///
+/// # Errors
+/// `Format` for a damaged mark; I/O or server failures (missing included).
+pub fn read_mark(backend: &dyn Backend, store_id: &str) -> Result<StoreMark> {
+    let name = store_mark_name(store_id);
+    format::decode(STORE_MARK, &backend.get(&name)?).map_err(|source| Error::Format {
+        path: format!("repository object {name}").into(),
+        source,
+    })
+}
+
 /// Ids of the stores that have published their points.
 ///
 /// # Errors
