@@ -8,7 +8,8 @@
 //! committed point reaches, and the repository writes compacted packs and their index before
 //! it deletes anything. Marking stops at the first point whose map cannot be read: deleting a
 //! blob we cannot prove unused could lose the only copy of a block. The caller holds the
-//! catalog lock, so no backup puts blobs meanwhile (the repository also makes puts wait).
+//! catalog lock, so no backup of this store puts blobs meanwhile, and the repository's
+//! exclusive lock keeps every other store's writers out (see `shared`).
 
 use std::cell::RefCell;
 

@@ -1,7 +1,7 @@
 //! Backends: where the repository's objects live. An object is named by a relative path of
-//! `/`-separated parts (`config`, `packs/ab/<hex>`, `index/<seq>-<hex>`; the names
-//! `snapshots/<store-id>/<id>` are reserved for per-store roots, not written yet), is written
-//! once and never changed, only deleted.
+//! `/`-separated parts (`config`, `packs/ab/<hex>`, `index/<seq>-<hex>`, and for stores
+//! sharing the repository `snapshots/<store-id>/<point-id>`, `stores/<store-id>` and
+//! `locks/<hex>`), is written once and never changed, only deleted.
 //!
 //! A name is never reused for other bytes (packs and index objects have random names, the
 //! config is never deleted): readers may cache open handles by name.

@@ -30,7 +30,7 @@ pub const SNAPSHOT: Kind = Kind {
     minor: 0,
 };
 pub const STORE_MARK: Kind = Kind {
-    magic: b"VMREFSTM",
+    magic: b"VMREFSMK",
     major: 1,
     minor: 0,
 };
