@@ -161,6 +161,9 @@ pub struct WriteGuard<'a> {
     store: &'a Store,
     data: &'a Data,
     lock: Option<RepoLock>,
+    /// Whether the writer published a point: a guard dropped without one is an operation
+    /// that failed (or committed nothing), which leaves publishing to the next one.
+    published: std::cell::Cell<bool>,
 }
 
 impl<'a> WriteGuard<'a> {
@@ -176,6 +179,7 @@ impl<'a> WriteGuard<'a> {
             store,
             data,
             lock: Some(lock),
+            published: std::cell::Cell::new(false),
         })
     }
 
@@ -187,13 +191,21 @@ impl<'a> WriteGuard<'a> {
         if let Some(l) = &self.lock {
             l.check()?;
         }
-        snapshot::publish(&**self.data.repo.backend(), &snapshot_of(self.store, rec)?)
+        snapshot::publish(&**self.data.repo.backend(), &snapshot_of(self.store, rec)?)?;
+        self.published.set(true);
+        Ok(())
     }
 }
 
 impl Drop for WriteGuard<'_> {
     fn drop(&mut self) {
-        if let Err(e) = reconcile(self.store, self.data) {
+        // A failed operation's error is the one line the user needs; reconciling waits for
+        // the next writer or collection, which do it first.
+        if !self.published.get() {
+            if let Some(l) = self.lock.as_mut() {
+                l.set_quiet();
+            }
+        } else if let Err(e) = reconcile(self.store, self.data) {
             log::warn!("could not publish this store's points in its repository: {e}");
         }
         self.lock.take();

@@ -185,6 +185,9 @@ pub struct RepoLock {
     exclusive: bool,
     refresh: Arc<Refresh>,
     thread: Option<JoinHandle<()>>,
+    /// The operation failed already (its server gone, most likely): a lock that cannot be
+    /// removed is no news then, only a log line at info level.
+    quiet: bool,
 }
 
 impl std::fmt::Debug for RepoLock {
@@ -244,6 +247,7 @@ impl RepoLock {
             exclusive: info.exclusive,
             refresh,
             thread: Some(thread),
+            quiet: false,
         })
     }
 
@@ -306,6 +310,11 @@ impl RepoLock {
         self.name.lock().clone()
     }
 
+    /// Report a failure to remove this lock at info level only (see `quiet`).
+    pub fn set_quiet(&mut self) {
+        self.quiet = true;
+    }
+
     pub fn is_exclusive(&self) -> bool {
         self.exclusive
     }
@@ -337,7 +346,16 @@ impl Drop for RepoLock {
         }
         let name = self.name();
         if let Err(e) = self.backend.delete(&name) {
-            log::warn!("could not remove the repository lock {name}: {e}");
+            let say = format!(
+                "could not remove the repository lock {name} (it goes stale when this process \
+                 ends, or after {} min): {e}",
+                STALE_AFTER.as_secs() / 60
+            );
+            if self.quiet {
+                log::info!("{say}");
+            } else {
+                log::warn!("{say}");
+            }
         }
     }
 }
