@@ -127,10 +127,21 @@ pub(super) fn prune(cx: &mut Ctx<'_, impl Write>, args: &PruneArgs, json: bool) 
         ));
     }
     if r.deleted.is_empty() {
-        return cx.emit(format!(
+        let mut line = format!(
             "nothing to prune ({} restorable point(s) {whose})",
             r.kept.len()
-        ));
+        );
+        if r.freed_bytes > 0 {
+            line += &format!(
+                "; freed {} an earlier collection left",
+                human(r.freed_bytes)
+            );
+        }
+        cx.emit(line)?;
+        return match &r.collection_put_off {
+            Some(why) => cx.emit(format!("space still not reclaimed: {why}")),
+            None => Ok(()),
+        };
     }
     cx.emit(format!(
         "pruned {} point(s) ({}), kept {}, freed {}",
