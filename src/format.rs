@@ -48,10 +48,13 @@ pub struct Kind {
 /// repository, which releases that understand only major 1 must not open. Major 3: the
 /// repository is elsewhere (`repository`, an `s3://` location), and a release that knows only
 /// major 2 would look for it under `STORE/repo`; only such stores are written at 3.0 (see
-/// `STORE_META_LOCAL`).
+/// `STORE_META_LOCAL`). Major 4: that repository may be shared with other stores, whose
+/// points only their published snapshots name; a release that knows only major 3 would
+/// collect their blocks as garbage. Stores with a repository elsewhere are written at 4.0
+/// (one written at 3.0 by an older release moves to 4.0 when it first publishes its points).
 pub const STORE_META: Kind = Kind {
     magic: b"VMREFSTO",
-    major: 3,
+    major: 4,
     minor: 0,
 };
 /// How the metadata of a store whose repository is `STORE/repo` is written: 2.0, as before

@@ -417,6 +417,17 @@ fn attach_refuses_what_it_cannot_join() {
     // Nothing there yet.
     let e = init_fails(d, &["--repository", loc, "--attach"]);
     assert!(e.contains("none to attach to"), "{e}");
+    // A store's private repository is not for sharing.
+    let private = Env::new(SIZE, &[]);
+    let e = init_fails(
+        d,
+        &[
+            "--repository",
+            private.store.join("repo").to_str().unwrap(),
+            "--attach",
+        ],
+    );
+    assert!(e.contains("private repository"), "{e}");
     // A relative path is no location.
     let e = init_fails(d, &["--repository", "relative/repo", "--attach"]);
     assert!(e.contains("relative/repo"), "{e}");

@@ -47,17 +47,42 @@ fn rand_ms() -> u64 {
     crate::store::random_bytes().map_or(0, |b| u64::from(b[0]) * 200 / 256)
 }
 
-/// Collect every blob no restorable point needs.
+/// Present while a collection is owed: the last one was put off (another process wrote to
+/// the shared repository) or failed. The next `prune` collects even when it deletes nothing.
+pub fn owed_path(store: &Store) -> std::path::PathBuf {
+    store.data_dir().join("collection-owed")
+}
+
+/// Collect every blob no restorable point needs, and remember when that was not done.
 ///
 /// # Errors
 /// `Format` for a point whose map cannot be read (nothing is deleted then); I/O failures.
 pub fn collect(store: &Store, data: &Data) -> Result<GcReport> {
+    let r = collect_now(store, data);
+    // Losing the flag only leaves garbage for a later collection: not synced.
+    let flag = owed_path(store);
+    let kept = match &r {
+        Ok(rep) if rep.put_off.is_none() => {
+            std::fs::remove_file(&flag).or_else(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => Ok(()),
+                _ => Err(e),
+            })
+        }
+        _ => std::fs::write(&flag, b""),
+    };
+    if let Err(e) = kept {
+        log::debug!("{}: {e}", flag.display());
+    }
+    r
+}
+
+fn collect_now(store: &Store, data: &Data) -> Result<GcReport> {
     // Unpublish what this store deleted, publish what it holds (see `shared`).
     super::shared::reconcile(store, data)?;
     // Writers hold the repository for seconds at a time: look again for a few seconds
     // before putting the collection off.
     let start = std::time::Instant::now();
-    let _lock = loop {
+    let lock = loop {
         match super::shared::collect_lock(store, data)? {
             Ok(l) => break l,
             Err(_) if start.elapsed() < COLLECT_WAIT => {
@@ -131,6 +156,9 @@ pub fn collect(store: &Store, data: &Data) -> Result<GcReport> {
     }
     let marker = marker.into_inner();
     let live_blobs = marker.live();
+    // Marking may take long: a lock taken for stale meanwhile means writers may have gone
+    // on, and nothing may be deleted.
+    lock.check()?;
     let rep = data.repo.collect(marker, &GcOptions::default())?;
     Ok(GcReport {
         live_blobs,

@@ -102,34 +102,13 @@ pub fn recover(store: &Store) -> Result<bool> {
 /// collection, never a half-done delete, so it is a warning, not the operation's error.
 /// Returns the bytes freed and why nothing was collected, if it was put off.
 fn collect_after(owner: &dyn Owner, what: &str) -> (u64, Option<String>) {
-    let store = owner.store();
-    let (freed, put_off) = match gc::collect(store, &owner.backup_state().data) {
+    match gc::collect(owner.store(), &owner.backup_state().data) {
         Ok(r) => (r.freed_bytes, r.put_off),
         Err(e) => {
             log::warn!("{what} done, but its space was not reclaimed: {e}");
             (0, Some(e.to_string()))
         }
-    };
-    // Remembered, so that the next prune collects even when it deletes nothing. Losing the
-    // flag only leaves garbage for a later collection, so it is not synced.
-    let flag = owed_path(store);
-    let kept = match &put_off {
-        Some(_) => std::fs::write(&flag, b""),
-        None => std::fs::remove_file(&flag).or_else(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => Ok(()),
-            _ => Err(e),
-        }),
-    };
-    if let Err(e) = kept {
-        log::warn!("{}: {e}", flag.display());
     }
-    (freed, put_off)
-}
-
-/// Present while a collection is owed: the last one was put off (another process wrote to
-/// the shared repository) or failed.
-fn owed_path(store: &Store) -> std::path::PathBuf {
-    store.data_dir().join("collection-owed")
 }
 
 /// Demote every open checkpoint (the engine is closing).
@@ -292,7 +271,7 @@ pub fn prune(owner: &dyn Owner, args: &PruneArgs) -> Result<PruneReport> {
         freed_bytes: 0,
         collection_put_off: None,
     };
-    if old.is_empty() && !args.dry_run && owed_path(store).exists() {
+    if old.is_empty() && !args.dry_run && gc::owed_path(store).exists() {
         (report.freed_bytes, report.collection_put_off) = collect_after(owner, "prune");
     }
     if old.is_empty() || args.dry_run {

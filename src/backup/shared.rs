@@ -27,6 +27,7 @@ use crate::repo::map::MapRoot;
 use crate::repo::snapshot::{self, SnapDisk, Snapshot, StoreMark};
 use crate::store::Store;
 use crate::store::records::{RefRecord, RefState};
+use crate::store::replication::PartialReceive;
 
 use super::data::Data;
 
@@ -71,6 +72,52 @@ pub fn snapshot_of(store: &Store, rec: &RefRecord) -> Result<Snapshot> {
     })
 }
 
+/// The published form of a partial receive: its maps, kept by every store's collections so
+/// that a resume finds the blocks that arrived.
+pub fn partial_snapshot(store: &Store, p: &PartialReceive) -> Snapshot {
+    // Named by its roots too: a resume moves them, and the new form is a new object (names
+    // are never reused for other bytes).
+    let mut h = blake3::Hasher::new();
+    for d in &p.disks {
+        h.update(d.name.as_bytes());
+        h.update(d.root.as_bytes());
+    }
+    let tag = h.finalize().to_hex();
+    Snapshot {
+        store_id: store.meta().id.clone(),
+        point_id: format!("partial-{}-{}", p.point_id, &tag[..16]),
+        name: p.point_name.clone(),
+        created_unix: p.updated_unix,
+        owner: None,
+        block_size: store.block_size(),
+        partial: true,
+        disks: p
+            .disks
+            .iter()
+            .map(|d| {
+                (
+                    d.name.clone(),
+                    SnapDisk {
+                        size: d.size,
+                        root: d.root.clone(),
+                        data_blocks: d.data_blocks,
+                    },
+                )
+            })
+            .collect(),
+    }
+}
+
+/// Publish a partial receive's maps before the store records them (`receive` saves its
+/// progress): a collection never deletes what a resume will build on. The form it replaces
+/// goes at the next reconcile.
+///
+/// # Errors
+/// I/O or server failures.
+pub fn publish_partial(store: &Store, data: &Data, p: &PartialReceive) -> Result<()> {
+    snapshot::publish(&**data.repo.backend(), &partial_snapshot(store, p))
+}
+
 /// Every point this store should have published: its restorable points and its partial
 /// receive.
 fn wanted(store: &Store) -> Result<Vec<Snapshot>> {
@@ -81,37 +128,7 @@ fn wanted(store: &Store) -> Result<Vec<Snapshot>> {
         }
     }
     if let Some(p) = store.partial_receive()? {
-        // Named by its roots too: a resume moves them, and the new form is a new object
-        // (names are never reused for other bytes).
-        let mut h = blake3::Hasher::new();
-        for d in &p.disks {
-            h.update(d.name.as_bytes());
-            h.update(d.root.as_bytes());
-        }
-        let tag = h.finalize().to_hex();
-        out.push(Snapshot {
-            store_id: store.meta().id.clone(),
-            point_id: format!("partial-{}-{}", p.point_id, &tag[..16]),
-            name: p.point_name.clone(),
-            created_unix: p.updated_unix,
-            owner: None,
-            block_size: store.block_size(),
-            partial: true,
-            disks: p
-                .disks
-                .iter()
-                .map(|d| {
-                    (
-                        d.name.clone(),
-                        SnapDisk {
-                            size: d.size,
-                            root: d.root.clone(),
-                            data_blocks: d.data_blocks,
-                        },
-                    )
-                })
-                .collect(),
-        });
+        out.push(partial_snapshot(store, &p));
     }
     Ok(out)
 }
@@ -140,6 +157,9 @@ pub fn reconcile(store: &Store, data: &Data) -> Result<()> {
         be.delete(&snapshot::object_name(id, p))?;
     }
     if !snapshot::marked_stores(&**be)?.contains(id) {
+        // Before the mark: once other stores may attach, a release that would collect their
+        // blocks must refuse this store.
+        store.rewrite_meta_if_older()?;
         snapshot::mark_store(
             &**be,
             &StoreMark {
@@ -173,7 +193,9 @@ impl<'a> WriteGuard<'a> {
     /// A collection still running after the wait; I/O or server failures.
     pub fn take(store: &'a Store, data: &'a Data, what: &str) -> Result<WriteGuard<'a>> {
         let lock = RepoLock::shared(data.repo.backend(), &store.meta().id, what, lock_wait())?;
-        // Blobs a collection removed while we held no lock must not be deduplicated against.
+        // Blobs a collection removed while we held no lock must not be deduplicated against:
+        // neither those an old index snapshot names nor a failed writer's unindexed ones.
+        data.repo.forget_unindexed();
         data.repo.refresh()?;
         Ok(WriteGuard {
             store,
@@ -201,7 +223,8 @@ impl Drop for WriteGuard<'_> {
     fn drop(&mut self) {
         // A failed operation's error is the one line the user needs; reconciling waits for
         // the next writer or collection, which do it first.
-        if !self.published.get() {
+        let partial = self.store.partial_receive().ok().flatten().is_some();
+        if !self.published.get() && !partial {
             if let Some(l) = self.lock.as_mut() {
                 l.set_quiet();
             }

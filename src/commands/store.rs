@@ -110,6 +110,17 @@ pub(super) fn attach(
         None => DEFAULT_BLOCK_SIZE,
     };
     check_location(&repository)?;
+    // A store's own STORE/repo is not shared: that store (format 2.0) stays readable by
+    // releases that would collect another store's blocks there.
+    if let Some(parent) = std::path::Path::new(&repository).parent()
+        && parent.join(store::META_FILE).exists()
+    {
+        return Err(Error::BadArgument(format!(
+            "{repository} is the private repository of the store {}; stores share a \
+             repository made with `vmref init --repository LOCATION`",
+            parent.display()
+        )));
+    }
     let key = key_file.as_deref().map(RepoKey::load).transpose()?;
     let mut summary = String::new();
     let s = Store::init_at(&cx.root, bs, Some(repository.clone()), |root| {

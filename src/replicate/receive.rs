@@ -598,6 +598,7 @@ impl Receiver {
             received_bytes,
             updated_unix: now_unix(),
         };
+        crate::backup::shared::publish_partial(store, &owner.backup_state().data, &p)?;
         store.write_partial_receive(&p)?;
         self.saved_at = offset;
         let _ = bs;

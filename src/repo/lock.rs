@@ -57,6 +57,10 @@ pub struct LockInfo {
     pub pid_start: u64,
     pub store_id: String,
     pub what: String,
+    /// The holder's PID namespace (`/proc/self/ns/pid`): a container shares the host's boot
+    /// id but not its pids.
+    #[serde(default)]
+    pub pid_ns: String,
 }
 
 pub fn encode(l: &LockInfo) -> Vec<u8> {
@@ -83,6 +87,12 @@ fn start_time(pid: u32) -> Option<u64> {
     rest.split_whitespace().nth(19)?.parse().ok()
 }
 
+fn pid_ns() -> String {
+    std::fs::read_link("/proc/self/ns/pid")
+        .map(|p| p.display().to_string())
+        .unwrap_or_default()
+}
+
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
@@ -100,15 +110,26 @@ impl LockInfo {
             pid_start: start_time(pid).unwrap_or(0),
             store_id: store_id.to_string(),
             what: what.to_string(),
+            pid_ns: pid_ns(),
         }
     }
 
-    /// Whether the holder is known to be dead: same boot of this host, and its process is
-    /// gone or is another one now.
+    /// Whether the holder is known to be dead: same boot of this host, same hostname and PID
+    /// namespace, and its process is gone, or is visibly another one now. A process this one
+    /// cannot see (`hidepid`) counts as alive.
     fn holder_dead(&self) -> bool {
-        !self.boot_id.is_empty()
-            && self.boot_id == boot_id()
-            && start_time(self.pid) != Some(self.pid_start)
+        if self.boot_id.is_empty()
+            || self.boot_id != boot_id()
+            || self.host != hostname()
+            || self.pid_ns.is_empty()
+            || self.pid_ns != pid_ns()
+        {
+            return false;
+        }
+        if crate::sys::process_gone(self.pid) {
+            return true;
+        }
+        start_time(self.pid).is_some_and(|t| t != self.pid_start)
     }
 
     fn describe(&self) -> String {
@@ -179,9 +200,22 @@ struct Refresh {
 }
 
 /// A held lock; dropping it removes the lock object.
+/// The lock object as this process holds it.
+struct Held {
+    name: String,
+    /// `sys::boottime()` of the last write of the lock object.
+    written: Duration,
+    /// The refresh found the object gone: someone took it for stale.
+    lost: bool,
+}
+
+/// How long a lock may go without a refresh before its holder stops trusting it: well before
+/// others may take it for stale, whatever this host's clock runs at.
+const TRUST_FOR: Duration = Duration::from_secs(STALE_AFTER.as_secs() - 5 * 60);
+
 pub struct RepoLock {
     backend: Arc<dyn Backend>,
-    name: Arc<Mutex<String>>,
+    held: Arc<Mutex<Held>>,
     exclusive: bool,
     refresh: Arc<Refresh>,
     thread: Option<JoinHandle<()>>,
@@ -211,10 +245,14 @@ impl RepoLock {
             stop: Mutex::new(false),
             cv: Condvar::new(),
         });
-        let name = Arc::new(Mutex::new(name));
+        let held = Arc::new(Mutex::new(Held {
+            name,
+            written: crate::sys::boottime(),
+            lost: false,
+        }));
         let thread = {
-            let (backend, name, refresh, info) =
-                (backend.clone(), name.clone(), refresh.clone(), info.clone());
+            let (backend, held, refresh, info) =
+                (backend.clone(), held.clone(), refresh.clone(), info.clone());
             std::thread::Builder::new()
                 .name("vmref-repo-lock".into())
                 .spawn(move || {
@@ -229,13 +267,36 @@ impl RepoLock {
                         if *stop {
                             return;
                         }
+                        // A lock someone removed as stale is not ours to write again: a
+                        // collection may have run since. `check` then fails.
+                        let old = held.lock().name.clone();
+                        match backend.size(&old) {
+                            Ok(_) => {}
+                            Err(e) if crate::repo::backend::is_missing(&e) => {
+                                log::warn!(
+                                    "the repository lock {old} was removed by another process"
+                                );
+                                held.lock().lost = true;
+                                return;
+                            }
+                            Err(e) => {
+                                log::warn!("could not refresh the repository lock: {e}");
+                                continue;
+                            }
+                        }
                         // A new object, then the old one gone: never a moment without a lock.
                         let Ok(fresh) = new_name() else { continue };
-                        if backend.put_if_absent(&fresh, &encode(&info)).is_ok() {
-                            let old = std::mem::replace(&mut *name.lock(), fresh);
-                            let _ = backend.delete(&old);
-                        } else {
-                            log::warn!("could not refresh the repository lock");
+                        let now = crate::sys::boottime();
+                        match backend.put_if_absent(&fresh, &encode(&info)) {
+                            Ok(_) => {
+                                {
+                                    let mut h = held.lock();
+                                    h.name = fresh;
+                                    h.written = now;
+                                }
+                                let _ = backend.delete(&old);
+                            }
+                            Err(e) => log::warn!("could not refresh the repository lock: {e}"),
                         }
                     }
                 })
@@ -243,7 +304,7 @@ impl RepoLock {
         };
         Ok(RepoLock {
             backend: backend.clone(),
-            name,
+            held,
             exclusive: info.exclusive,
             refresh,
             thread: Some(thread),
@@ -307,7 +368,7 @@ impl RepoLock {
     }
 
     pub fn name(&self) -> String {
-        self.name.lock().clone()
+        self.held.lock().name.clone()
     }
 
     /// Report a failure to remove this lock at info level only (see `quiet`).
@@ -319,19 +380,39 @@ impl RepoLock {
         self.exclusive
     }
 
-    /// Fail unless this lock is still in the repository (someone took it for stale).
+    /// Fail unless this lock is still good: never found removed, written again within
+    /// `TRUST_FOR` (by the boot clock, which counts a suspend or a stopped process), and in
+    /// the repository now. A writer calls it just before it commits; a collection just before
+    /// it deletes.
     ///
     /// # Errors
-    /// `Repo` when it is gone; I/O or server failures.
+    /// `Repo` when the lock is lost or too old; I/O or server failures.
     pub fn check(&self) -> Result<()> {
-        let name = self.name();
-        match self.backend.size(&name) {
-            Ok(_) => Ok(()),
-            Err(e) if crate::repo::backend::is_missing(&e) => Err(Error::Repo(format!(
+        let lost = |name: &str| {
+            Error::Repo(format!(
                 "this process's repository lock {name} was removed (taken for a dead \
                  host's after {} min without a refresh); nothing was committed",
                 STALE_AFTER.as_secs() / 60
-            ))),
+            ))
+        };
+        // Held across the HEAD: the refresh swaps the name under the same mutex.
+        let h = self.held.lock();
+        if h.lost {
+            return Err(lost(&h.name));
+        }
+        let since = crate::sys::boottime().saturating_sub(h.written);
+        if since > TRUST_FOR {
+            return Err(Error::Repo(format!(
+                "this process's repository lock {} was last written {} min ago (the \
+                 repository was unreachable, or this host slept); others may take it for \
+                 stale, so nothing was committed",
+                h.name,
+                since.as_secs() / 60
+            )));
+        }
+        match self.backend.size(&h.name) {
+            Ok(_) => Ok(()),
+            Err(e) if crate::repo::backend::is_missing(&e) => Err(lost(&h.name)),
             Err(e) => Err(e),
         }
     }

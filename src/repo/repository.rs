@@ -388,9 +388,39 @@ impl Repository {
         Ok(())
     }
 
+    /// Where blob `h` is, by the index snapshot; an index object gone since the snapshot was
+    /// taken (another store sharing the repository folded or collected it) makes it re-read
+    /// the list of index objects once.
     pub(super) fn lookup(&self, h: &Hash) -> Result<Option<IndexEntry>> {
         let set = self.index.read().clone();
-        Ok(set.lookup(&*self.backend, h)?.map(|f| f.entry))
+        match set.lookup(&*self.backend, h) {
+            Err(e) if is_missing(&e) => {
+                self.refresh()?;
+                let set = self.index.read().clone();
+                Ok(set.lookup(&*self.backend, h)?.map(|f| f.entry))
+            }
+            r => Ok(r?.map(|f| f.entry)),
+        }
+    }
+
+    /// Forget the blobs put since the last index object: a failed writer's leftovers, named
+    /// by no index, whose packs another store's collection may have deleted while this
+    /// handle held no repository lock. A writer calls it when it takes the lock, before its
+    /// first dedup, so that it never names a blob on the word of `pending` alone.
+    pub fn forget_unindexed(&self) {
+        let mut g = self.w.lock();
+        while !g.in_flight.is_empty() {
+            self.uploaded.wait(&mut g);
+        }
+        if !g.pending.is_empty() || g.open.is_some() {
+            log::info!(
+                "forgetting {} blob(s) an earlier writer put but never indexed",
+                g.pending.len()
+            );
+        }
+        g.pending.clear();
+        g.open = None;
+        g.failed.clear();
     }
 
     /// Whether blob `h` is stored (or pending).

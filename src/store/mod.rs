@@ -52,7 +52,7 @@ pub struct StoreMeta {
 }
 
 impl StoreMeta {
-    /// The envelope this meta is written in: 3.0 only when older releases must refuse it.
+    /// The envelope this meta is written in: 4.0 only when older releases must refuse it.
     fn kind(&self) -> format::Kind {
         if self.repository.is_some() {
             format::STORE_META
@@ -316,6 +316,22 @@ impl Store {
         Ok(())
     }
 
+    /// Write the meta file again in the envelope this release writes it in, if it is in an
+    /// older one (a store with a shared-capable repository moves from 3.0 to 4.0, so that
+    /// releases without published points refuse it).
+    ///
+    /// # Errors
+    /// I/O failures; then the meta file is as before.
+    pub fn rewrite_meta_if_older(&self) -> Result<()> {
+        let mp = self.root.join(META_FILE);
+        let bytes = fs::read(&mp).map_err(Error::io("read", &mp))?;
+        if bytes.len() >= 10 && format::le_u16(&bytes, 8) < self.meta.kind().major {
+            // The same meta in the newer envelope: `self.meta` is unchanged.
+            atomic::write_atomic(&mp, &format::encode(self.meta.kind(), &self.meta))?;
+        }
+        Ok(())
+    }
+
     /// Remove temp files left by a writer that crashed before committing.
     pub fn sweep(&self) {
         for d in ["disks", "track", "refs", "data", ""] {
@@ -353,7 +369,7 @@ mod tests {
     }
 
     #[test]
-    fn meta_major_is_3_only_with_a_remote_repository() {
+    fn meta_major_is_4_only_with_a_remote_repository() {
         let d = tempfile::tempdir().unwrap();
         let major = |root: &Path| format::le_u16(&fs::read(root.join(META_FILE)).unwrap(), 8);
         let local = d.path().join("l");
@@ -362,11 +378,11 @@ mod tests {
         assert_eq!(Store::open(&local).unwrap().repository(), None);
         let remote = d.path().join("r");
         Store::init_at(&remote, 65536, Some("s3://b-1/p".into()), |_| Ok(())).unwrap();
-        assert_eq!(major(&remote), 3, "older releases refuse remote ones");
+        assert_eq!(major(&remote), 4, "older releases refuse remote ones");
         let mut s = Store::open(&remote).unwrap();
         assert_eq!(s.repository(), Some("s3://b-1/p"));
         s.set_format(STORE_FORMAT).unwrap();
-        assert_eq!(major(&remote), 3);
+        assert_eq!(major(&remote), 4);
         assert_eq!(
             Store::open(&remote).unwrap().repository(),
             Some("s3://b-1/p")

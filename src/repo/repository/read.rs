@@ -92,16 +92,10 @@ impl Repository {
                 hashes.iter().map(|h| g.pending.contains_key(h)).collect()
             }
         };
-        let set = self.index.read().clone();
         hashes
             .iter()
             .zip(pending)
-            .map(|(h, p)| {
-                if p {
-                    return Ok(None);
-                }
-                Ok(set.lookup(&*self.backend, h)?.map(|f| f.entry))
-            })
+            .map(|(h, p)| if p { Ok(None) } else { self.lookup(h) })
             .collect()
     }
 
