@@ -408,6 +408,17 @@ fn init_fails(dir: &Path, args: &[&str]) -> String {
     err
 }
 
+/// `init` arguments that attach to the repository at `loc` with the key file `key`.
+fn attach_with_key<'a>(loc: &'a str, key: &'a Path) -> [&'a str; 5] {
+    [
+        "--repository",
+        loc,
+        "--attach",
+        "--key-file",
+        key.to_str().unwrap(),
+    ]
+}
+
 #[test]
 fn attach_refuses_what_it_cannot_join() {
     let dir = tempfile::tempdir().unwrap();
@@ -445,16 +456,7 @@ fn attach_refuses_what_it_cannot_join() {
     assert!(e.contains("key"), "{e}");
     let other = Env::with_init(SIZE, &[], &["--encrypt"], Vec::new(), None);
     let wrong = other.store.join("repo.key");
-    let e = init_fails(
-        d,
-        &[
-            "--repository",
-            loc,
-            "--attach",
-            "--key-file",
-            wrong.to_str().unwrap(),
-        ],
-    );
+    let e = init_fails(d, &attach_with_key(loc, &wrong));
     assert!(e.contains("key"), "{e}");
     // Flags that would change the repository are refused with --attach.
     for extra in [&["--compression", "none"][..], &["--no-encrypt"][..]] {
@@ -478,29 +480,14 @@ fn attach_refuses_what_it_cannot_join() {
         b.delete(m).unwrap();
     }
     let key = first.store.join("repo.key");
-    let e = init_fails(
-        d,
-        &[
-            "--repository",
-            loc,
-            "--attach",
-            "--key-file",
-            key.to_str().unwrap(),
-        ],
-    );
+    let e = init_fails(d, &attach_with_key(loc, &key));
     assert!(e.contains("not published"), "{e}");
     // Its next backup publishes them, and the attach then works.
     first.ok(&["backup", "p1"]);
     let mut second = Env::with_init(
         SIZE,
         &random(&mut rng, BS * 8),
-        &[
-            "--repository",
-            loc,
-            "--attach",
-            "--key-file",
-            key.to_str().unwrap(),
-        ],
+        &attach_with_key(loc, &key),
         Vec::new(),
         None,
     );
