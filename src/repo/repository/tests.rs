@@ -684,3 +684,37 @@ fn throughput() {
         );
     }
 }
+
+/// A writer that failed before indexing what it put leaves blobs only `pending` names; the
+/// next writer must not dedup against them (another store may have collected their packs).
+#[test]
+fn forget_unindexed_drops_pending_blobs() {
+    let (_b, r) = mem_repo(1 << 20);
+    let h = r.put(BlobKind::Data, &blob(1, 4096)).unwrap();
+    assert!(r.contains(&h).unwrap(), "pending counts as stored");
+    r.forget_unindexed();
+    assert!(!r.contains(&h).unwrap());
+    // Put again, it is stored and indexed like any new blob.
+    assert_eq!(r.put(BlobKind::Data, &blob(1, 4096)).unwrap(), h);
+    r.flush().unwrap();
+    assert_eq!(r.get(BlobKind::Data, &h).unwrap(), blob(1, 4096));
+}
+
+/// Another handle (another store) folds the index objects this one's snapshot names: a
+/// lookup re-reads the list instead of failing.
+#[test]
+fn lookups_survive_another_handle_folding_the_index() {
+    let (b, r) = mem_repo(1 << 20);
+    let mut hashes = Vec::new();
+    for i in 0..3 {
+        hashes.push(r.put(BlobKind::Data, &blob(i, 4096)).unwrap());
+        r.flush().unwrap();
+    }
+    let other = Repository::open(b.clone()).unwrap();
+    assert!(r.merge_index(1).unwrap() > 0);
+    for h in &hashes {
+        assert!(other.contains(h).unwrap());
+        let found = other.locate_data(std::slice::from_ref(h)).unwrap();
+        assert!(found[0].is_some());
+    }
+}
