@@ -567,3 +567,73 @@ fn a_live_writers_lock_puts_collection_off_and_a_dead_ones_does_not() {
     b.ok(&["verify"]);
     assert!(b.restorable().contains(&"b0".to_string()));
 }
+
+/// A receive cut short into a store that shares its repository keeps its blocks through
+/// another store's collection (its partial maps are published), and the resume is exact.
+#[test]
+fn a_cut_receive_keeps_its_blocks_through_another_stores_collection() {
+    let test = "a_cut_receive_keeps_its_blocks_through_another_stores_collection";
+    let dir = tempfile::tempdir().unwrap();
+    let repo = Repo::dir(&dir.path().join("repo"));
+    let mut rng = Rng(test_seed(test) | 1);
+    // The sender has a repository of its own.
+    let source = Env::new(SIZE, &random(&mut rng, SIZE));
+    source.ok(&["backup", "full"]);
+    let stream = source.path("full.stream");
+    source.ok(&["send", "full", "--output", stream.to_str().unwrap()]);
+    let bytes = std::fs::read(&stream).unwrap();
+    let half = source.path("half.stream");
+    std::fs::write(&half, &bytes[..bytes.len() * 3 / 4]).unwrap();
+    // Two stores share the repository; the target receives into it.
+    let mut a = repo.store(&random(&mut rng, SIZE / 2), None);
+    // A store with no disk of its own: received disks must not be live ones.
+    let target = dir.path().join("target");
+    let key = a.store.join("repo.key");
+    let mut init = vec!["init", "--block-size", "4K"];
+    init.extend(attach_with_key(&repo.location, &key));
+    common::store_cmd::ok(&target, &init);
+    let o = common::store_cmd::vmref(&target)
+        .args(["receive", "--input", half.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!o.status.success(), "a cut stream is refused");
+    let err = String::from_utf8(o.stderr).unwrap();
+    let token = err
+        .split_whitespace()
+        .find(|w| w.starts_with("vmref1-"))
+        .unwrap_or_else(|| panic!("no token in {err:?}"))
+        .trim_end_matches('`')
+        .to_string();
+    let published = LocalBackend::new(&dir.path().join("repo"))
+        .unwrap()
+        .list("snapshots/")
+        .unwrap();
+    assert!(
+        published.iter().any(|n| n.contains("/partial-")),
+        "the partial receive is published: {published:?}"
+    );
+    // The other store collects: what arrived is kept for the resume.
+    a.ok(&["backup", "a0"]);
+    a.random_writes(&mut rng, 40);
+    a.ok(&["backup", "a1"]);
+    let (freed, why) = prune(&a, "1");
+    assert_eq!(why, None);
+    assert!(freed > 0, "the collection ran and freed a0's blocks");
+    let resumed = source.path("rest.stream");
+    source.ok(&[
+        "send",
+        "--resume",
+        &token,
+        "--output",
+        resumed.to_str().unwrap(),
+    ]);
+    let out = common::store_cmd::ok(&target, &["receive", "--input", resumed.to_str().unwrap()]);
+    assert!(out.contains("resumed"), "{out}");
+    assert_same(
+        "received",
+        &common::store_cmd::restore(&target, "full", dir.path()),
+        &source.model,
+    );
+    common::store_cmd::ok(&target, &["verify"]);
+    a.ok(&["verify"]);
+}
