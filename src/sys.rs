@@ -167,15 +167,22 @@ pub fn punch_hole(fd: RawFd, off: u64, len: u64) -> io::Result<()> {
 /// waiting for it: a reader about to need it then finds it there (or in flight) instead of
 /// issuing one small synchronous read at a time.
 pub fn fadvise_willneed(fd: RawFd, off: u64, len: u64) -> io::Result<()> {
+    fadvise(fd, off, len, libc::POSIX_FADV_WILLNEED)
+}
+
+/// Tell the kernel that reads through this open file description come in no order worth
+/// reading ahead for. Besides skipping read-ahead, it makes the page cache fill with single
+/// pages: read-ahead allocates large folios, and a later 4 KiB buffered write into a large
+/// folio dirties (and makes the filesystem walk) the whole folio. On ext4 (kernel 6.18) a
+/// scan that read the image ahead made a VM's small writes through the mount 3-8 times slower
+/// until the folios left the cache (docs/performance.md).
+pub fn fadvise_random(fd: RawFd) -> io::Result<()> {
+    fadvise(fd, 0, 0, libc::POSIX_FADV_RANDOM)
+}
+
+fn fadvise(fd: RawFd, off: u64, len: u64, advice: libc::c_int) -> io::Result<()> {
     // SAFETY: posix_fadvise takes a descriptor and integers; no memory is passed.
-    let rc = unsafe {
-        libc::posix_fadvise(
-            fd,
-            off as libc::off_t,
-            len as libc::off_t,
-            libc::POSIX_FADV_WILLNEED,
-        )
-    };
+    let rc = unsafe { libc::posix_fadvise(fd, off as libc::off_t, len as libc::off_t, advice) };
     // posix_fadvise returns the error number instead of setting errno.
     if rc == 0 {
         Ok(())
