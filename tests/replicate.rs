@@ -431,12 +431,7 @@ fn a_cut_transfer_resumes_and_an_altered_token_is_refused() {
     let half = e.path("half.stream");
     std::fs::write(&half, &whole[..whole.len() / 2]).unwrap();
     let err = fails(&t, &["receive", "--input", half.to_str().unwrap()]);
-    let token = err
-        .split_whitespace()
-        .find(|w| w.starts_with("vmref1-"))
-        .unwrap_or_else(|| panic!("no token in {err:?}"))
-        .trim_end_matches('`')
-        .to_string();
+    let token = common::resume_token(&err);
     // The same full stream again is refused: a partial receive is pending.
     assert!(fails(&t, &["receive", "--input", f.to_str().unwrap()]).contains("--resume"));
     // An altered token is refused by the sender.

@@ -598,12 +598,7 @@ fn a_cut_receive_keeps_its_blocks_through_another_stores_collection() {
         .unwrap();
     assert!(!o.status.success(), "a cut stream is refused");
     let err = String::from_utf8(o.stderr).unwrap();
-    let token = err
-        .split_whitespace()
-        .find(|w| w.starts_with("vmref1-"))
-        .unwrap_or_else(|| panic!("no token in {err:?}"))
-        .trim_end_matches('`')
-        .to_string();
+    let token = common::resume_token(&err);
     let published = LocalBackend::new(&dir.path().join("repo"))
         .unwrap()
         .list("snapshots/")

@@ -412,3 +412,13 @@ pub fn flip(path: &Path, off: u64) {
     b[0] ^= 0x5a;
     f.write_all_at(&b, off).unwrap();
 }
+
+/// The resume token (`vmref1-...`) in a failed receive's error line.
+#[allow(dead_code)]
+pub fn resume_token(err: &str) -> String {
+    err.split_whitespace()
+        .find(|w| w.starts_with("vmref1-"))
+        .unwrap_or_else(|| panic!("no token in {err:?}"))
+        .trim_end_matches('`')
+        .to_string()
+}
