@@ -18,7 +18,9 @@
 //!   and fetched again). Blocks are also checked above the backend (CRC and BLAKE3), so later
 //!   damage to a file this process already checked is an error, never other bytes.
 //! - Bounded: the bytes of the files this process knows stay under the configured size; the
-//!   least recently used segments are removed first. Each process scans the directory when it
+//!   least recently used segments are removed first. A segment is written before older ones
+//!   make room for it, so the bound is exceeded for a moment by the segments being written
+//!   (at most one per fetching thread). Each process scans the directory when it
 //!   opens the repository, so processes sharing it (the daemon and a command) each keep their
 //!   own bound over what they add; a file another process removed is fetched again.
 //! - A file appears whole or not at all: written beside, then renamed (no fsync: a cache file
@@ -89,8 +91,19 @@ struct State {
 }
 
 struct Queue {
-    items: Mutex<(VecDeque<(String, u64)>, bool)>,
+    state: Mutex<QueueState>,
+    /// Signalled when an item is queued or the backend is dropped.
     ready: Condvar,
+    /// Signalled when a fetcher finishes an item.
+    done: Condvar,
+}
+
+#[derive(Default)]
+struct QueueState {
+    items: VecDeque<(String, u64)>,
+    /// Items a fetcher has taken and not finished.
+    running: Vec<(String, u64)>,
+    closed: bool,
 }
 
 struct Inner {
@@ -179,8 +192,9 @@ impl CachedBackend {
             );
         }
         let queue = Arc::new(Queue {
-            items: Mutex::new((VecDeque::new(), false)),
+            state: Mutex::new(QueueState::default()),
             ready: Condvar::new(),
+            done: Condvar::new(),
         });
         let inner = Arc::new(Inner {
             s3: Arc::new(s3),
@@ -218,6 +232,16 @@ impl CachedBackend {
         )
     }
 
+    /// Wait until the read-ahead threads have nothing queued or under way: until then the
+    /// files may exceed the bound by the segments being written (for tests and the bench).
+    pub fn wait_idle(&self) {
+        let q = &self.inner.queue;
+        let mut st = q.state.lock();
+        while !st.closed && (!st.items.is_empty() || !st.running.is_empty()) {
+            q.done.wait(&mut st);
+        }
+    }
+
     /// Bytes of cached segments this process knows.
     pub fn cached_bytes(&self) -> u64 {
         self.inner.state.lock().total
@@ -226,9 +250,9 @@ impl CachedBackend {
 
 impl Drop for CachedBackend {
     fn drop(&mut self) {
-        let mut q = self.inner.queue.items.lock();
-        q.1 = true;
-        q.0.clear();
+        let mut q = self.inner.queue.state.lock();
+        q.closed = true;
+        q.items.clear();
         self.inner.queue.ready.notify_all();
     }
 }
@@ -237,22 +261,32 @@ impl Drop for CachedBackend {
 fn fetcher(weak: Weak<Inner>, queue: Arc<Queue>) {
     loop {
         let item = {
-            let mut q = queue.items.lock();
+            let mut q = queue.state.lock();
             loop {
-                if q.1 {
+                if q.closed {
                     return;
                 }
-                if let Some(it) = q.0.pop_front() {
+                if let Some(it) = q.items.pop_front() {
+                    q.running.push(it.clone());
                     break it;
                 }
                 // Wakes now and then to notice a dropped backend whose queue it missed.
                 queue.ready.wait_for(&mut q, Duration::from_secs(5));
             }
         };
-        let Some(inner) = weak.upgrade() else { return };
-        // A failed read-ahead is only a lost hint: the reader fetches for itself and gets
-        // the error then.
-        let _ = inner.segment(&item.0, item.1, None);
+        if let Some(inner) = weak.upgrade() {
+            // A failed read-ahead is only a lost hint: the reader fetches for itself and
+            // gets the error then.
+            let _ = inner.segment(&item.0, item.1, None);
+        }
+        let mut q = queue.state.lock();
+        if let Some(i) = q.running.iter().position(|r| *r == item) {
+            q.running.swap_remove(i);
+        }
+        queue.done.notify_all();
+        if q.closed {
+            return;
+        }
     }
 }
 
@@ -493,13 +527,13 @@ impl Inner {
         if ahead.is_empty() {
             return;
         }
-        let mut q = self.queue.items.lock();
+        let mut q = self.queue.state.lock();
         for s in ahead {
-            if q.0.len() >= QUEUE_MAX {
+            if q.items.len() >= QUEUE_MAX {
                 break;
             }
-            if !q.0.iter().any(|(n, x)| *x == s && n == name) {
-                q.0.push_back((name.to_string(), s));
+            if !q.items.iter().any(|(n, x)| *x == s && n == name) {
+                q.items.push_back((name.to_string(), s));
             }
         }
         self.queue.ready.notify_all();
@@ -560,6 +594,16 @@ impl Backend for CachedBackend {
     }
 
     fn delete(&self, name: &str) -> Result<()> {
+        // Read-ahead of the object must not put a segment back after it is gone: drop what is
+        // queued and wait for what is under way.
+        {
+            let q = &self.inner.queue;
+            let mut st = q.state.lock();
+            st.items.retain(|(n, _)| n != name);
+            while st.running.iter().any(|(n, _)| n == name) {
+                q.done.wait(&mut st);
+            }
+        }
         self.inner.s3.delete(name)?;
         let at = format!("{name}@");
         let gone: Vec<String> = {
