@@ -180,6 +180,53 @@ pub fn fadvise_random(fd: RawFd) -> io::Result<()> {
     fadvise(fd, 0, 0, libc::POSIX_FADV_RANDOM)
 }
 
+/// Drop the file's clean pages from the page cache (tests of read-ahead start cold with it).
+#[cfg(test)]
+pub fn fadvise_dontneed(fd: RawFd) -> io::Result<()> {
+    fadvise(fd, 0, 0, libc::POSIX_FADV_DONTNEED)
+}
+
+/// Whether the page of the file at `off` is in the page cache (`mincore` of a one-page mapping).
+#[cfg(test)]
+pub fn page_resident(fd: RawFd, off: u64) -> io::Result<bool> {
+    let page = page_size() as usize;
+    let at = off - off % page as u64;
+    // SAFETY: a fresh read-only shared mapping of one page of an open file, looked at only
+    // through mincore (which writes one byte into `v`) and unmapped before returning.
+    unsafe {
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            page,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            fd,
+            at as libc::off_t,
+        );
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let mut v = 0u8;
+        let rc = libc::mincore(p, page, &mut v);
+        let err = io::Error::last_os_error();
+        libc::munmap(p, page);
+        if rc != 0 {
+            return Err(err);
+        }
+        Ok(v & 1 == 1)
+    }
+}
+
+/// The file opened again read-only, as an open file description of its own, advised random
+/// (`fadvise_random`): for reads that must not fill the page cache with large folios, while
+/// other descriptors of the same file keep their read-ahead (the advice holds per open file
+/// description). None where the reopen or the advice fails.
+pub fn reopen_random_reader(file: &std::fs::File) -> Option<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(format!("/proc/self/fd/{}", file.as_raw_fd())).ok()?;
+    fadvise_random(f.as_raw_fd()).ok()?;
+    Some(f)
+}
+
 fn fadvise(fd: RawFd, off: u64, len: u64, advice: libc::c_int) -> io::Result<()> {
     // SAFETY: posix_fadvise takes a descriptor and integers; no memory is passed.
     let rc = unsafe { libc::posix_fadvise(fd, off as libc::off_t, len as libc::off_t, advice) };

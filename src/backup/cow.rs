@@ -199,7 +199,7 @@ impl ImageSource for CheckpointImage {
         // began, so a block found unsaved *after* this read was not written during it, and a
         // block found saved is taken from the save file instead.
         self.disk
-            .file()
+            .reader()
             .read_exact_at(&mut buf[..n], off)
             .map_err(Error::io("read", self.disk.image()))?;
         let saved: Vec<(u64, u64)> = {

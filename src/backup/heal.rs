@@ -310,7 +310,7 @@ impl Healer<'_, '_> {
         if let Some((l, runs)) = self.live(&d.point, &d.disk)
             && !runs.iter().any(|r| r.start <= b && b < r.start + r.count)
         {
-            let bytes = read_block(l.file(), l.image(), l.size(), b, self.bs)?;
+            let bytes = read_block(l.reader(), l.image(), l.size(), b, self.bs)?;
             if self.offer(BlobKind::Data, &h, &bytes, LIVE)? {
                 return Ok(true);
             }
@@ -410,7 +410,7 @@ impl Healer<'_, '_> {
                 .any(|r| r.start < end && n.start < r.start + r.count)
         {
             let bytes = Bytes {
-                file: l.file(),
+                file: l.reader(),
                 path: l.image(),
                 size: l.size(),
             };

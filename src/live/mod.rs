@@ -43,6 +43,14 @@ pub struct LiveDisk {
     name: String,
     image: PathBuf,
     file: File,
+    /// The image again for reads, advised random (`sys::reopen_random_reader`; None where that
+    /// fails): read-ahead would fill the page cache with large folios, and every small buffered
+    /// write of the VM into one pays for the whole folio (docs/performance.md). The kernel's
+    /// FUSE read-ahead already asks for what a sequential reader needs next.
+    reader: Option<File>,
+    /// Where the last read ended, and how far `read_ahead` has asked the kernel to read.
+    last_read_end: AtomicU64,
+    ahead_to: AtomicU64,
     size: u64,
     block_size: u32,
     gate: RwLock<()>,
@@ -77,6 +85,8 @@ pub const SETTLE_AFTER: Duration = Duration::from_secs(2);
 /// a FUSE worker for a whole disk round trip, and a VM's queue depth would shrink to the
 /// number of workers.
 pub const DIRECT_MIN: u64 = 128 << 10;
+/// How far ahead of a sequential reader of the live disk the image is read (`read_ahead`).
+const READ_AHEAD: u64 = 2 << 20;
 /// Offset, length and buffer alignment for O_DIRECT: a page, enough for any common block
 /// device and filesystem.
 const DIRECT_ALIGN: u64 = 4096;
@@ -184,6 +194,9 @@ impl LiveDisk {
             block_size: tracker.block_size(),
             direct_ok: AtomicBool::new(true),
             direct: reopen_direct(&file),
+            reader: crate::sys::reopen_random_reader(&file),
+            last_read_end: AtomicU64::new(u64::MAX),
+            ahead_to: AtomicU64::new(0),
             kinds: IoKinds::default(),
             file,
             gate: RwLock::new(()),
@@ -235,6 +248,10 @@ impl LiveDisk {
     pub fn file(&self) -> &File {
         &self.file
     }
+    /// The descriptor to read the image's data through (see `reader`).
+    pub fn reader(&self) -> &File {
+        self.reader.as_ref().unwrap_or(&self.file)
+    }
     pub fn tracker(&self) -> parking_lot::MutexGuard<'_, Tracker> {
         self.tracker.lock()
     }
@@ -249,10 +266,36 @@ impl LiveDisk {
             return Ok(0);
         }
         let n = buf.len().min((self.size - off) as usize);
-        self.file
+        self.read_ahead(off, n as u64);
+        self.reader()
             .read_exact_at(&mut buf[..n], off)
             .map_err(Error::io("read", &self.image))?;
         Ok(n)
+    }
+
+    /// The reader descriptor reads nothing ahead (`reader`), and a VM with `cache=none` asks
+    /// for what it reads and no more: a sequential reader in small requests would wait on the
+    /// disk at each one (4 KiB at queue depth 1: 7-32 MB/s, against 97 with the kernel's
+    /// read-ahead). So a read that starts where the last one ended asks the kernel to read the
+    /// next `READ_AHEAD` (`POSIX_FADV_WILLNEED`, which fills the cache with small folios),
+    /// topped up once half of it is consumed.
+    fn read_ahead(&self, off: u64, n: u64) {
+        let end = off + n;
+        let last = self.last_read_end.swap(end, Ordering::Relaxed);
+        // Requests of one reader may arrive on several workers slightly out of order.
+        if last == u64::MAX || off.abs_diff(last) > READ_AHEAD || self.reader.is_none() {
+            return;
+        }
+        let want = (end + READ_AHEAD).min(self.size);
+        let have = self.ahead_to.load(Ordering::Relaxed);
+        // Elsewhere (behind the reader, or far ahead of a reader that started again): anew.
+        let ours = have >= end && have - end <= READ_AHEAD;
+        if ours && (have >= want || have - end >= READ_AHEAD / 2) {
+            return;
+        }
+        let from = if ours { have } else { end };
+        self.ahead_to.store(want, Ordering::Relaxed);
+        let _ = crate::sys::fadvise_willneed(self.reader().as_raw_fd(), from, want - from);
     }
 
     /// A tracked write. The disk never grows: a write past its end is refused whole.
@@ -465,5 +508,55 @@ impl LiveDisk {
         let _q = self.quiesce();
         let id = self.synced_identity()?;
         self.tracker.lock().close(id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Store;
+
+    fn resident(file: &File, off: u64) -> bool {
+        crate::sys::page_resident(file.as_raw_fd(), off).unwrap()
+    }
+
+    #[test]
+    fn a_sequential_reader_has_the_next_window_read_ahead_and_no_more() {
+        let d = tempfile::tempdir().unwrap();
+        let store = Store::init(&d.path().join("s"), 65536).unwrap();
+        let img = d.path().join("disk.img");
+        let data: Vec<u8> = (0..8u32 << 20)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        std::fs::write(&img, &data).unwrap();
+        let f = open_image(&img).unwrap();
+        f.sync_all().unwrap();
+        let t = Tracker::create(&store, "d", &f, &img, 1).unwrap();
+        let disk = LiveDisk::new("d", &img, f, t);
+        crate::sys::fadvise_dontneed(disk.file().as_raw_fd()).unwrap();
+        if resident(disk.file(), 1 << 20) {
+            eprintln!(
+                "skipped: this filesystem keeps the image cached through POSIX_FADV_DONTNEED"
+            );
+            return;
+        }
+        let mut buf = vec![0u8; 65536];
+        // Out of order: nothing read ahead.
+        disk.read_at(&mut buf, 7 << 20).unwrap();
+        disk.read_at(&mut buf, 5 << 20).unwrap();
+        assert!(!resident(disk.file(), (5 << 20) + (1 << 20)));
+        // In order: the next 2 MiB.
+        for off in [0u64, 65536] {
+            assert_eq!(disk.read_at(&mut buf, off).unwrap(), 65536);
+            assert_eq!(buf, data[off as usize..off as usize + 65536]);
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !resident(disk.file(), (2 << 20) + 65536) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        for off in [128 << 10, 1 << 20, (2 << 20) + 65536] {
+            assert!(resident(disk.file(), off), "{off} not read ahead");
+        }
+        assert!(!resident(disk.file(), 3 << 20), "read ahead too far");
     }
 }

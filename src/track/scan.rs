@@ -27,23 +27,14 @@ pub struct ImageReader {
     block_size: u64,
 }
 
-/// The image opened again read-only, as its own open file description, advised random
-/// (`sys::fadvise_random`): digest reads must not fill the page cache with large folios that
-/// the VM's small writes then pay for. A descriptor of its own, because the advice holds for a
-/// whole open file description and the live disk's reads keep their read-ahead. None where
-/// the reopen or the advice fails: the scan then reads through a duplicate as before.
-fn random_reader(file: &File) -> Option<File> {
-    let f = File::open(format!("/proc/self/fd/{}", file.as_raw_fd())).ok()?;
-    crate::sys::fadvise_random(f.as_raw_fd()).ok()?;
-    Some(f)
-}
-
 impl ImageReader {
     /// # Errors
     /// Duplicating the descriptor failing.
     pub fn new(file: &File, path: &Path, size: u64, block_size: u32) -> Result<ImageReader> {
         Ok(ImageReader {
-            file: random_reader(file).map_or_else(
+            // Digest reads must not leave large folios for the VM's small writes to pay for
+            // (`sys::reopen_random_reader`); a duplicate where the reopen fails.
+            file: crate::sys::reopen_random_reader(file).map_or_else(
                 || file.try_clone().map_err(Error::io("duplicate", path)),
                 Ok,
             )?,
