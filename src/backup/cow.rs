@@ -26,8 +26,8 @@ use parking_lot::Mutex;
 
 use crate::error::{Error, Result};
 use crate::image::ImageSource;
-use crate::live::LiveDisk;
 use crate::live::cow::BlockSaver;
+use crate::live::{LiveDisk, ReadAhead};
 use crate::store::records::RefRecord;
 
 /// One checkpoint's saved blocks of one disk.
@@ -171,15 +171,23 @@ impl Checkpoint {
         Ok(CheckpointImage {
             disk: d.clone(),
             saver: s.clone(),
+            ahead: ReadAhead::new(CHECKPOINT_READ_AHEAD),
         })
     }
 }
+
+/// How far ahead of a backup's reads of a running disk its image is read: a few of its 4 MiB
+/// chunks.
+const CHECKPOINT_READ_AHEAD: u64 = 16 << 20;
 
 /// The bytes of a disk at a checkpoint: saved bytes where the block was written since, live
 /// bytes elsewhere.
 pub struct CheckpointImage {
     disk: Arc<LiveDisk>,
     saver: Arc<CowSaver>,
+    /// The live disk's reader reads nothing ahead: a backup reads in chunks and then
+    /// compresses them, so the next chunks are read while it does.
+    ahead: ReadAhead,
 }
 
 impl ImageSource for CheckpointImage {
@@ -198,6 +206,7 @@ impl ImageSource for CheckpointImage {
         // by our I/O). Every block written since the checkpoint was saved before its write
         // began, so a block found unsaved *after* this read was not written during it, and a
         // block found saved is taken from the save file instead.
+        self.ahead.note(self.disk.reader(), off, n as u64, size);
         self.disk
             .reader()
             .read_exact_at(&mut buf[..n], off)

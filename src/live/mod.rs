@@ -48,9 +48,7 @@ pub struct LiveDisk {
     /// write of the VM into one pays for the whole folio (docs/performance.md). The kernel's
     /// FUSE read-ahead already asks for what a sequential reader needs next.
     reader: Option<File>,
-    /// Where the last read ended, and how far `read_ahead` has asked the kernel to read.
-    last_read_end: AtomicU64,
-    ahead_to: AtomicU64,
+    ahead: ReadAhead,
     size: u64,
     block_size: u32,
     gate: RwLock<()>,
@@ -85,8 +83,53 @@ pub const SETTLE_AFTER: Duration = Duration::from_secs(2);
 /// a FUSE worker for a whole disk round trip, and a VM's queue depth would shrink to the
 /// number of workers.
 pub const DIRECT_MIN: u64 = 128 << 10;
-/// How far ahead of a sequential reader of the live disk the image is read (`read_ahead`).
+/// How far ahead of a sequential reader of the live disk the image is read (`ReadAhead`).
 const READ_AHEAD: u64 = 2 << 20;
+
+/// Read-ahead for one sequential reader of a descriptor advised random (`LiveDisk::reader`).
+/// That descriptor reads nothing ahead, and a VM with `cache=none` asks for what it reads and
+/// no more: a sequential reader in small requests would wait on the disk at each one (4 KiB at
+/// queue depth 1: 7-32 MB/s, against 97 with the kernel's read-ahead). So a read that starts
+/// where the last one ended asks the kernel to read the next `window` (`POSIX_FADV_WILLNEED`,
+/// which fills the cache with small folios), topped up once half of it is consumed.
+#[derive(Debug)]
+pub struct ReadAhead {
+    window: u64,
+    /// Where the last read ended, and how far the kernel was asked to read.
+    last_end: AtomicU64,
+    ahead_to: AtomicU64,
+}
+
+impl ReadAhead {
+    pub fn new(window: u64) -> ReadAhead {
+        ReadAhead {
+            window,
+            last_end: AtomicU64::new(u64::MAX),
+            ahead_to: AtomicU64::new(0),
+        }
+    }
+
+    /// Note a read of `n` bytes at `off` of `file` (`size` bytes long), reading ahead of it if
+    /// it follows the last one.
+    pub fn note(&self, file: &File, off: u64, n: u64, size: u64) {
+        let end = off + n;
+        let last = self.last_end.swap(end, Ordering::Relaxed);
+        // Requests of one reader may arrive on several workers slightly out of order.
+        if last == u64::MAX || off.abs_diff(last) > self.window {
+            return;
+        }
+        let want = (end + self.window).min(size);
+        let have = self.ahead_to.load(Ordering::Relaxed);
+        // Elsewhere (behind the reader, or far ahead of a reader that started again): anew.
+        let ours = have >= end && have - end <= self.window;
+        if ours && (have >= want || have - end >= self.window / 2) {
+            return;
+        }
+        let from = if ours { have } else { end };
+        self.ahead_to.store(want, Ordering::Relaxed);
+        let _ = crate::sys::fadvise_willneed(file.as_raw_fd(), from, want - from);
+    }
+}
 /// Offset, length and buffer alignment for O_DIRECT: a page, enough for any common block
 /// device and filesystem.
 const DIRECT_ALIGN: u64 = 4096;
@@ -195,8 +238,7 @@ impl LiveDisk {
             direct_ok: AtomicBool::new(true),
             direct: reopen_direct(&file),
             reader: crate::sys::reopen_random_reader(&file),
-            last_read_end: AtomicU64::new(u64::MAX),
-            ahead_to: AtomicU64::new(0),
+            ahead: ReadAhead::new(READ_AHEAD),
             kinds: IoKinds::default(),
             file,
             gate: RwLock::new(()),
@@ -266,36 +308,13 @@ impl LiveDisk {
             return Ok(0);
         }
         let n = buf.len().min((self.size - off) as usize);
-        self.read_ahead(off, n as u64);
+        if let Some(r) = &self.reader {
+            self.ahead.note(r, off, n as u64, self.size);
+        }
         self.reader()
             .read_exact_at(&mut buf[..n], off)
             .map_err(Error::io("read", &self.image))?;
         Ok(n)
-    }
-
-    /// The reader descriptor reads nothing ahead (`reader`), and a VM with `cache=none` asks
-    /// for what it reads and no more: a sequential reader in small requests would wait on the
-    /// disk at each one (4 KiB at queue depth 1: 7-32 MB/s, against 97 with the kernel's
-    /// read-ahead). So a read that starts where the last one ended asks the kernel to read the
-    /// next `READ_AHEAD` (`POSIX_FADV_WILLNEED`, which fills the cache with small folios),
-    /// topped up once half of it is consumed.
-    fn read_ahead(&self, off: u64, n: u64) {
-        let end = off + n;
-        let last = self.last_read_end.swap(end, Ordering::Relaxed);
-        // Requests of one reader may arrive on several workers slightly out of order.
-        if last == u64::MAX || off.abs_diff(last) > READ_AHEAD || self.reader.is_none() {
-            return;
-        }
-        let want = (end + READ_AHEAD).min(self.size);
-        let have = self.ahead_to.load(Ordering::Relaxed);
-        // Elsewhere (behind the reader, or far ahead of a reader that started again): anew.
-        let ours = have >= end && have - end <= READ_AHEAD;
-        if ours && (have >= want || have - end >= READ_AHEAD / 2) {
-            return;
-        }
-        let from = if ours { have } else { end };
-        self.ahead_to.store(want, Ordering::Relaxed);
-        let _ = crate::sys::fadvise_willneed(self.reader().as_raw_fd(), from, want - from);
     }
 
     /// A tracked write. The disk never grows: a write past its end is refused whole.
