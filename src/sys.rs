@@ -180,8 +180,8 @@ pub fn fadvise_random(fd: RawFd) -> io::Result<()> {
     fadvise(fd, 0, 0, libc::POSIX_FADV_RANDOM)
 }
 
-/// Drop the file's clean pages from the page cache (tests of read-ahead start cold with it).
-#[cfg(test)]
+/// Drop the file's clean pages from the page cache; writeback of dirty ones is started, not
+/// waited for.
 pub fn fadvise_dontneed(fd: RawFd) -> io::Result<()> {
     fadvise(fd, 0, 0, libc::POSIX_FADV_DONTNEED)
 }
