@@ -246,6 +246,8 @@ fn serve_inner(
     sys::block_signals(&SIGNALS).map_err(Error::io("block signals in", mp))?;
     let engine = Arc::new(open_engine(store)?);
     for d in engine.disks() {
+        // Before the live files appear, so that no VM write meets the pages cached before.
+        d.drop_cached_pages();
         let t = d.tracker();
         let r = t.report();
         if let Some(reason) = &r.lost {

@@ -187,10 +187,10 @@ impl Engine {
         };
         // The record goes in last: until it is in place the disk does not exist.
         self.store.write_disk(&rec)?;
-        self.disks.write().insert(
-            name.to_string(),
-            Arc::new(LiveDisk::new(name, &image, file, tracker)),
-        );
+        let disk = Arc::new(LiveDisk::new(name, &image, file, tracker));
+        // A VM may start writing it at once (`LiveDisk::drop_cached_pages`).
+        disk.drop_cached_pages();
+        self.disks.write().insert(name.to_string(), disk);
         Ok(rec)
     }
 
@@ -246,10 +246,9 @@ impl Engine {
         // between leaves a replica record naming a live disk, which receive refuses anyway).
         self.store.write_disk(&rec)?;
         self.store.remove_replica(name)?;
-        self.disks.write().insert(
-            name.to_string(),
-            Arc::new(LiveDisk::new(name, &rep.image, file, tracker)),
-        );
+        let disk = Arc::new(LiveDisk::new(name, &rep.image, file, tracker));
+        disk.drop_cached_pages();
+        self.disks.write().insert(name.to_string(), disk);
         Ok(rec)
     }
 

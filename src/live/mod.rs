@@ -85,6 +85,8 @@ pub const SETTLE_AFTER: Duration = Duration::from_secs(2);
 pub const DIRECT_MIN: u64 = 128 << 10;
 /// How far ahead of a sequential reader of the live disk the image is read (`ReadAhead`).
 const READ_AHEAD: u64 = 2 << 20;
+/// The most one `POSIX_FADV_WILLNEED` is trusted to read.
+const WILLNEED_PIECE: u64 = 128 << 10;
 
 /// Read-ahead for one sequential reader of a descriptor advised random (`LiveDisk::reader`).
 /// That descriptor reads nothing ahead, and a VM with `cache=none` asks for what it reads and
@@ -126,8 +128,18 @@ impl ReadAhead {
             return;
         }
         let from = if ours { have } else { end };
+        if from >= want {
+            return;
+        }
         self.ahead_to.store(want, Ordering::Relaxed);
-        let _ = crate::sys::fadvise_willneed(file.as_raw_fd(), from, want - from);
+        // The kernel reads at most its read-ahead size (`read_ahead_kb`, often 128 KiB) or one
+        // request's worth per call and drops the rest of a larger one: ask in pieces.
+        let mut at = from;
+        while at < want {
+            let len = WILLNEED_PIECE.min(want - at);
+            let _ = crate::sys::fadvise_willneed(file.as_raw_fd(), at, len);
+            at += len;
+        }
     }
 }
 /// Offset, length and buffer alignment for O_DIRECT: a page, enough for any common block
@@ -230,12 +242,6 @@ pub fn open_image(path: &Path) -> Result<File> {
 
 impl LiveDisk {
     pub fn new(name: &str, image: &Path, file: File, tracker: Tracker) -> LiveDisk {
-        // Pages cached before tracking took the disk are likely large folios (`cp`, `qemu-img
-        // convert`, any buffered writer of 128 KiB and more), which make the VM's small
-        // writes slow as the reader's do (`reader`): drop the clean ones, once. Only a hint.
-        if let Err(e) = crate::sys::fadvise_dontneed(file.as_raw_fd()) {
-            ::log::debug!("disk {name}: dropping its cached pages failed: {e}");
-        }
         LiveDisk {
             name: name.to_string(),
             image: image.to_path_buf(),
@@ -295,6 +301,20 @@ impl LiveDisk {
     }
     pub fn file(&self) -> &File {
         &self.file
+    }
+    /// Write back and drop the image's cached pages, once, when the daemon starts serving the
+    /// disk or takes a new one: pages cached before that are likely large folios (`cp`,
+    /// `qemu-img convert`, any buffered writer of 128 KiB and more), which make the VM's small
+    /// writes slow as read-ahead's do (`reader`). Dirty pages cannot be dropped, hence the
+    /// sync first. Only a hint: failures are logged.
+    pub fn drop_cached_pages(&self) {
+        let r = self
+            .file
+            .sync_data()
+            .and_then(|()| crate::sys::fadvise_dontneed(self.file.as_raw_fd()));
+        if let Err(e) = r {
+            ::log::debug!("disk {}: dropping its cached pages failed: {e}", self.name);
+        }
     }
     /// The descriptor to read the image's data through (see `reader`).
     pub fn reader(&self) -> &File {
@@ -358,7 +378,7 @@ impl LiveDisk {
         t.stamp_write(off, len);
         drop(t);
         self.cow
-            .before_write(&self.file, self.size, self.block_size, off, len);
+            .before_write(self.reader(), self.size, self.block_size, off, len);
         let r = self.write_data(data, off);
         self.changed();
         r
@@ -546,7 +566,7 @@ mod tests {
     }
 
     #[test]
-    fn the_open_drops_cached_pages_and_a_sequential_reader_has_the_next_window_read_ahead() {
+    fn cached_pages_are_dropped_and_a_sequential_reader_has_the_next_window_read_ahead() {
         let d = tempfile::tempdir().unwrap();
         let store = Store::init(&d.path().join("s"), 65536).unwrap();
         let img = d.path().join("disk.img");
@@ -555,7 +575,6 @@ mod tests {
             .collect();
         std::fs::write(&img, &data).unwrap();
         let f = open_image(&img).unwrap();
-        f.sync_all().unwrap();
         // Whether this filesystem lets pages go at all: a probe file written and dropped.
         let probe = d.path().join("probe");
         std::fs::write(&probe, &data[..1 << 20]).unwrap();
@@ -567,10 +586,11 @@ mod tests {
             return;
         }
         let t = Tracker::create(&store, "d", &f, &img, 1).unwrap();
-        // Pages cached before tracking took the disk are dropped when it does.
+        // Pages cached (dirty ones too) before the daemon takes the disk are dropped.
         assert!(resident(&f, 1 << 20), "the image was just written");
         let disk = LiveDisk::new("d", &img, f, t);
-        assert!(!resident(disk.file(), 1 << 20), "cached pages kept at open");
+        disk.drop_cached_pages();
+        assert!(!resident(disk.file(), 1 << 20), "cached pages kept");
         let mut buf = vec![0u8; 65536];
         // Out of order: nothing read ahead.
         disk.read_at(&mut buf, 7 << 20).unwrap();
