@@ -27,6 +27,16 @@ pub trait ImageSource: Send + Sync {
     }
 }
 
+/// Whether a read of `n` bytes at `off` continues a stream whose last read ended at `last_end`
+/// (`u64::MAX`: no read yet), for read-ahead of `window` bytes. Requests of one reader arrive
+/// on several FUSE workers slightly out of order, so "continues" allows a few requests' length
+/// either way (at least 64 KiB, at most the window); wider would take random reads in a hot
+/// region for a stream and read a whole window ahead of each.
+pub fn follows(last_end: u64, off: u64, n: u64, window: u64) -> bool {
+    let slack = (4 * n).clamp(64 << 10, window.max(64 << 10));
+    last_end != u64::MAX && off.abs_diff(last_end) <= slack
+}
+
 /// One point directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PointEntry {

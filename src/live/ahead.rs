@@ -39,11 +39,7 @@ impl ReadAhead {
     pub fn note(&self, file: &File, off: u64, n: u64, size: u64) {
         let end = off + n;
         let last = self.last_end.swap(end, Ordering::Relaxed);
-        // Requests of one reader may arrive on several workers slightly out of order: a few
-        // requests' worth either way. Wider would take nearby random reads (a VM's hot region)
-        // for a stream and read a whole window for each.
-        let slack = (4 * n).clamp(64 << 10, self.window);
-        if last == u64::MAX || off.abs_diff(last) > slack {
+        if !crate::image::follows(last, off, n, self.window) {
             return;
         }
         let want = (end + self.window).min(size);
