@@ -65,6 +65,12 @@ impl BlockCache {
         }
     }
 
+    /// No read-ahead under way: every block it took on is cached or given up.
+    #[cfg(test)]
+    pub fn idle(&self) -> bool {
+        self.pending.lock().is_empty()
+    }
+
     /// Bytes held now.
     pub fn bytes(&self) -> usize {
         self.inner.lock().1
