@@ -32,14 +32,15 @@ pub struct BlockCache {
     capacity: usize,
     /// Blocks being decoded by read-ahead, so one block is decoded once.
     pending: Mutex<HashSet<Hash>>,
-    /// Buffers of evicted blocks no reader held, for read-ahead to decode into: a fresh
-    /// zeroed 64 KiB buffer per block was 6 % of the daemon's CPU on a first sequential read.
-    spare: Mutex<Vec<Vec<u8>>>,
+    /// Buffers of evicted blocks no reader held, for read-ahead to decode into, and the bytes
+    /// they hold: a fresh zeroed 64 KiB buffer per block was 6 % of the daemon's CPU on a
+    /// first sequential read.
+    spare: Mutex<(Vec<Vec<u8>>, usize)>,
 }
 
-/// Spare buffers kept: one read-ahead window's worth at 64 KiB blocks (4 MiB beside the
-/// cache's 32).
-const SPARE_BUFFERS: usize = 64;
+/// Bytes of spare buffers kept: one read-ahead window's worth (64 blocks of 64 KiB) beside
+/// the cache's 32 MiB. Counted by capacity, since one cache serves stores of any block size.
+const SPARE_BYTES: usize = 4 << 20;
 
 impl BlockCache {
     pub fn new(capacity: usize) -> BlockCache {
@@ -47,7 +48,7 @@ impl BlockCache {
             inner: Mutex::new((lru::LruCache::unbounded(), 0)),
             capacity,
             pending: Mutex::new(HashSet::new()),
-            spare: Mutex::new(Vec::new()),
+            spare: Mutex::new((Vec::new(), 0)),
         }
     }
 
@@ -77,27 +78,35 @@ impl BlockCache {
         }
         drop(g);
         for b in evicted {
-            // Only a buffer no reader still holds: its bytes are overwritten before reuse.
-            if let Ok(v) = Arc::try_unwrap(b) {
-                let mut spare = self.spare.lock();
-                if spare.len() < SPARE_BUFFERS {
+            // Only a buffer no reader still holds (its bytes are overwritten before reuse),
+            // and one that holds no more than its length, so the cache's count stays true.
+            if let Ok(v) = Arc::try_unwrap(b)
+                && v.len() == v.capacity()
+            {
+                let mut g = self.spare.lock();
+                let (spare, bytes) = &mut *g;
+                if *bytes + v.len() <= SPARE_BYTES {
+                    *bytes += v.len();
                     spare.push(v);
                 }
             }
         }
     }
 
-    /// A buffer of `len` bytes to decode a block into: a spare one when there is one (its old
-    /// bytes are garbage the decoder overwrites, or the block never enters the cache), else
-    /// a fresh one.
+    /// A buffer of `len` bytes to decode a block into: a spare one of that length when there
+    /// is one (its old bytes are garbage the decoder overwrites, or the block never enters the
+    /// cache), else a fresh one.
     fn buffer(&self, len: usize) -> Vec<u8> {
-        match self.spare.lock().pop() {
-            Some(mut v) => {
-                v.resize(len, 0);
-                v
-            }
-            None => vec![0u8; len],
-        }
+        let v = {
+            let mut g = self.spare.lock();
+            let (spare, bytes) = &mut *g;
+            let v = spare.pop();
+            *bytes -= v.as_ref().map_or(0, Vec::len);
+            v
+        };
+        // A spare of another block size (another store's points) is dropped, not resized.
+        v.filter(|v| v.len() == len)
+            .unwrap_or_else(|| vec![0u8; len])
     }
 
     /// No read-ahead under way: every block it took on is cached or given up.
@@ -243,19 +252,40 @@ mod tests {
         c.insert(Hash::of(b"held"), held.clone());
         c.insert(Hash::of(b"a"), Arc::new(vec![2u8; 1000]));
         assert!(
-            c.spare.lock().is_empty(),
+            c.spare.lock().0.is_empty(),
             "a buffer a reader holds was kept for reuse"
         );
         assert_eq!(*held, vec![1u8; 1000]);
         c.insert(Hash::of(b"b"), Arc::new(vec![3u8; 1000]));
-        assert_eq!(c.spare.lock().len(), 1);
+        assert_eq!(c.spare.lock().0.len(), 1);
         let v = c.buffer(1000);
         assert_eq!((v.len(), v[0]), (1000, 2), "not the evicted block's buffer");
-        assert!(c.spare.lock().is_empty());
-        assert_eq!(c.buffer(700).len(), 700, "a fresh buffer");
-        for i in 0..3 * SPARE_BUFFERS {
+        assert_eq!(*c.spare.lock(), (vec![], 0));
+        // A spare of another size is never handed out resized: a fresh buffer instead, whose
+        // capacity is its length (the cache counts blocks by length).
+        c.insert(Hash::of(b"c"), Arc::new(vec![4u8; 1000]));
+        assert_eq!(c.spare.lock().1, 1000);
+        let v = c.buffer(700);
+        assert_eq!((v.len(), v.capacity(), v[0]), (700, 700, 0));
+        assert_eq!(*c.spare.lock(), (vec![], 0));
+        // A buffer with room beyond its length is not kept.
+        let mut roomy = vec![5u8; 1000];
+        roomy.reserve(4000);
+        c.insert(Hash::of(b"roomy"), Arc::new(roomy));
+        assert_eq!(c.buffer(1000)[0], 4, "c's buffer, evicted by roomy");
+        c.insert(Hash::of(b"d"), Arc::new(vec![6u8; 1000]));
+        assert!(
+            c.spare.lock().0.is_empty(),
+            "a buffer larger than its length was kept"
+        );
+        // The spares are bounded in bytes.
+        for i in 0..(3 * SPARE_BYTES / 1000) {
             c.insert(Hash::of(&i.to_le_bytes()), Arc::new(vec![0u8; 1000]));
         }
-        assert_eq!(c.spare.lock().len(), SPARE_BUFFERS);
+        let (n, bytes) = {
+            let g = c.spare.lock();
+            (g.0.len(), g.1)
+        };
+        assert_eq!((n * 1000, bytes), (bytes, SPARE_BYTES / 1000 * 1000));
     }
 }
