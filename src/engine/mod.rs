@@ -160,6 +160,15 @@ impl Engine {
         self.disks.read().values().cloned().collect()
     }
 
+    /// Serve a disk this engine just took on (`disk_add`, a promoted replica): a VM may start
+    /// writing it at once, so the pages cached before go first (`LiveDisk::drop_cached_pages`).
+    fn take_disk(&self, disk: LiveDisk) {
+        disk.drop_cached_pages();
+        self.disks
+            .write()
+            .insert(disk.name().to_string(), Arc::new(disk));
+    }
+
     /// Register an image as a disk and start tracking it.
     ///
     /// # Errors
@@ -187,10 +196,7 @@ impl Engine {
         };
         // The record goes in last: until it is in place the disk does not exist.
         self.store.write_disk(&rec)?;
-        let disk = Arc::new(LiveDisk::new(name, &image, file, tracker));
-        // A VM may start writing it at once (`LiveDisk::drop_cached_pages`).
-        disk.drop_cached_pages();
-        self.disks.write().insert(name.to_string(), disk);
+        self.take_disk(LiveDisk::new(name, &image, file, tracker));
         Ok(rec)
     }
 
@@ -246,9 +252,7 @@ impl Engine {
         // between leaves a replica record naming a live disk, which receive refuses anyway).
         self.store.write_disk(&rec)?;
         self.store.remove_replica(name)?;
-        let disk = Arc::new(LiveDisk::new(name, &rep.image, file, tracker));
-        disk.drop_cached_pages();
-        self.disks.write().insert(name.to_string(), disk);
+        self.take_disk(LiveDisk::new(name, &rep.image, file, tracker));
         Ok(rec)
     }
 
