@@ -59,20 +59,6 @@ impl PointImage {
     }
 }
 
-/// Blocks a read must span before it is split over threads.
-const PARALLEL_MIN_BLOCKS: usize = 4;
-
-/// Threads one read may use: the machine's cores, at most 8.
-fn read_threads() -> usize {
-    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *N.get_or_init(|| {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-            .min(8)
-    })
-}
-
 /// How far ahead of a sequential reader blocks are decoded.
 const READ_AHEAD_BYTES: u64 = 4 << 20;
 
@@ -188,27 +174,11 @@ impl ImageSource for PointImage {
         if whole.is_empty() {
             return Ok(n);
         }
-        // Checking and decompressing a block costs about as much as reading it: a large
-        // request that read-ahead did not cover spreads its blocks over the cores.
-        let workers = if whole.len() >= PARALLEL_MIN_BLOCKS {
-            read_threads().min(whole.len())
-        } else {
-            1
-        };
-        let per = whole.len().div_ceil(workers);
-        let repo = &self.data.repo;
-        std::thread::scope(|s| {
-            let mut groups = whole.chunks_mut(per);
-            let mine = groups.next().unwrap_or_default();
-            let handles: Vec<_> = groups
-                .map(|g| s.spawn(move || repo.read_data_into(g)))
-                .collect();
-            let r = repo.read_data_into(mine);
-            handles
-                .into_iter()
-                .map(|h| h.join().expect("point read thread panicked"))
-                .fold(r, |acc, x| acc.and(x))
-        })?;
+        // Decoded on this thread: spawning scoped threads per request (to spread a large
+        // uncached read over the cores) made the S3 mount daemon livelock in parking_lot's
+        // table growth under thread churn (tests/shared_repo.rs, 2 runs in 6); read-ahead
+        // already decodes a sequential reader's blocks on the pool.
+        self.data.repo.read_data_into(&mut whole)?;
         Ok(n)
     }
 
