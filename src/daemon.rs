@@ -366,13 +366,15 @@ pub fn mount_repository(r: &RepoMountOptions, opts: &MountOptions) -> Result<()>
         )),
         e => e,
     })?;
+    // Dropped before the fork, which it allows only once the process is down to one thread:
+    // the S3 cache joins its read-ahead threads here.
     drop(repo);
     let log = cache.join("mount.log");
     run_daemon(&mp, opts.foreground, &r.location, &log, |ready| {
         let mut ready = ready;
         let result = (|| {
             sys::block_signals(&SIGNALS).map_err(Error::io("block signals in", &mp))?;
-            // Opened again here: the S3 client and its threads do not survive the fork.
+            // Opened again here: a fork keeps no thread but the caller's.
             let data = Arc::new(crate::backup::data::Data::new(Arc::new(open()?)));
             let points = Arc::new(crate::backup::published::Published::new(data));
             let (uid, gid) = sys::uid_gid();

@@ -50,16 +50,38 @@ pub fn uid_gid() -> (u32, u32) {
 
 /// `fork()`: `Some(child pid)` in the parent, `None` in the child.
 ///
-/// Only call while the process has a single thread: the child gets a copy of just the
-/// calling thread, and any lock another thread held would stay locked forever.
+/// Refused while the process has another thread: the child gets a copy of just the calling
+/// thread, so a lock another thread held stays locked forever, and a parked thread's record
+/// stays linked in parking_lot's table while glibc reuses that thread's stack for the child's
+/// next thread (a daemon that spun forever in `grow_hashtable`).
 pub fn fork() -> io::Result<Option<i32>> {
-    // SAFETY: fork takes no arguments; the caller guarantees the process is single-threaded,
-    // so the child's copy of the address space has no lock held by a vanished thread.
+    let threads = single_threaded()?;
+    if threads != 1 {
+        return Err(io::Error::other(format!(
+            "the process has {threads} threads; forking it would not be safe"
+        )));
+    }
+    // SAFETY: fork takes no arguments; the process is single-threaded (checked above, and
+    // only this thread could start another), so the child's copy of the address space has no lock held by a vanished thread.
     let pid = unsafe { libc::fork() };
     match pid {
         -1 => Err(io::Error::last_os_error()),
         0 => Ok(None),
         p => Ok(Some(p)),
+    }
+}
+
+/// The process's thread count, waiting up to 100 ms for it to fall to one: a thread just
+/// joined can stay listed for a moment after `join` returns.
+fn single_threaded() -> io::Result<usize> {
+    let mut waited = 0;
+    loop {
+        let n = std::fs::read_dir("/proc/self/task")?.count();
+        if n == 1 || waited >= 100 {
+            return Ok(n);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+        waited += 1;
     }
 }
 
@@ -272,4 +294,21 @@ pub fn process_gone(pid: u32) -> bool {
     // SAFETY: signal 0 only checks that the process exists and may be signalled.
     let r = unsafe { libc::kill(p, 0) };
     r != 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn fork_is_refused_while_another_thread_runs() {
+        // The test harness already runs this test on a thread of its own; one more that is
+        // certainly alive for the whole call makes the point without relying on that.
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let other = std::thread::spawn(move || {
+            let _ = rx.recv();
+        });
+        let err = super::fork().expect_err("fork with two threads must be refused");
+        assert!(err.to_string().contains("threads"), "{err}");
+        drop(tx);
+        other.join().unwrap();
+    }
 }

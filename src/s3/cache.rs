@@ -122,6 +122,11 @@ struct Inner {
 /// An S3 backend whose pack and index reads go through the local cache.
 pub struct CachedBackend {
     inner: Arc<Inner>,
+    /// Joined on drop: `mount --repository` opens the repository once before it forks, and a
+    /// thread still alive at the fork leaves its parking_lot record in the child's lock table;
+    /// glibc hands that thread's stack (and the record in it) to the child's next thread, and
+    /// the table's queues then loop forever (a daemon spinning in `grow_hashtable`).
+    fetchers: Vec<std::thread::JoinHandle<()>>,
 }
 
 fn key(name: &str, seg: u64) -> String {
@@ -214,14 +219,19 @@ impl CachedBackend {
             got_bytes: AtomicU64::new(0),
         });
         inner.evict(None);
+        let mut backend = CachedBackend {
+            inner,
+            fetchers: Vec::with_capacity(FETCHERS),
+        };
         for i in 0..FETCHERS {
-            let (weak, queue) = (Arc::downgrade(&inner), queue.clone());
-            std::thread::Builder::new()
+            let (weak, queue) = (Arc::downgrade(&backend.inner), queue.clone());
+            let thread = std::thread::Builder::new()
                 .name(format!("s3-ahead-{i}"))
                 .spawn(move || fetcher(weak, queue))
                 .map_err(Error::io("start a read-ahead thread for", dir))?;
+            backend.fetchers.push(thread);
         }
-        Ok(CachedBackend { inner })
+        Ok(backend)
     }
 
     /// Segment fetches from the server so far, and their bytes.
@@ -250,10 +260,17 @@ impl CachedBackend {
 
 impl Drop for CachedBackend {
     fn drop(&mut self) {
-        let mut q = self.inner.queue.state.lock();
-        q.closed = true;
-        q.items.clear();
-        self.inner.queue.ready.notify_all();
+        {
+            let mut q = self.inner.queue.state.lock();
+            q.closed = true;
+            q.items.clear();
+            self.inner.queue.ready.notify_all();
+        }
+        // A fetcher finishes the segment it is fetching first (bounded by the client's
+        // timeouts); none of them holds a `CachedBackend`, so none can be waiting for this.
+        for t in self.fetchers.drain(..) {
+            let _ = t.join();
+        }
     }
 }
 
