@@ -1,7 +1,8 @@
 //! Helpers for tests that mount the real filesystem: temp stores with one disk, the built
 //! binary run under `timeout`, a `MountGuard` that never leaves a mount behind, an in-memory
 //! `PointSource`, and the FUSE availability check (skip only without /dev/fuse, and fail
-//! instead when `VMREF_REQUIRE_FUSE=1`).
+//! instead when `VMREF_REQUIRE_FUSE=1`), which also starts the watchdog that fails a test
+//! binary held by a hung mount.
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
@@ -18,6 +19,7 @@ pub mod garage;
 mod repo_env;
 pub mod smallfs;
 pub mod store_cmd;
+mod watchdog;
 #[allow(unused_imports)]
 pub use backup_env::*;
 #[allow(unused_imports)]
@@ -32,6 +34,7 @@ pub const CMD_TIMEOUT: &str = "60";
 /// prints `SKIP: <test>: /dev/fuse missing`, the line `test.sh` counts as a skipped test.
 pub fn fuse_ok(test: &str) -> bool {
     if Path::new("/dev/fuse").exists() {
+        watchdog::start();
         return true;
     }
     if std::env::var("VMREF_REQUIRE_FUSE").as_deref() == Ok("1") {
