@@ -22,6 +22,7 @@ use crate::control;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::fs::fuse::FuseFs;
+use crate::fs::page_store;
 use crate::fs::{Fs, STORE_XATTR};
 use crate::store::Store;
 use crate::store::lock::StoreLock;
@@ -274,10 +275,15 @@ fn serve_inner(
     let (uid, gid) = sys::uid_gid();
     let fs = Arc::new(Fs::new(engine.clone(), engine.clone(), uid, gid));
     let config = fuse_config(opts.allow_other);
-    let session = Session::new(FuseFs::new(fs), mp, &config).map_err(|e| {
-        let _ = std::fs::remove_file(&socket);
-        mount_err(format!("cannot mount {}: {e}", mp.display()))
-    })?;
+    let (pages, pending) = page_store::channel();
+    let session =
+        Session::new(FuseFs::new(fs).with_page_store(pages), mp, &config).map_err(|e| {
+            let _ = std::fs::remove_file(&socket);
+            mount_err(format!("cannot mount {}: {e}", mp.display()))
+        })?;
+    pending
+        .start(session.notifier())
+        .map_err(Error::io("start the page store thread for", mp))?;
     raise_readahead(mp);
     start_signal_thread(mp)?;
     let (stop, stopped) = mpsc::channel::<()>();
@@ -379,8 +385,16 @@ pub fn mount_repository(r: &RepoMountOptions, opts: &MountOptions) -> Result<()>
             let points = Arc::new(crate::backup::published::Published::new(data));
             let (uid, gid) = sys::uid_gid();
             let fs = Arc::new(Fs::points_only(points, uid, gid));
-            let session = Session::new(FuseFs::new(fs), &mp, &fuse_config(opts.allow_other))
-                .map_err(|e| mount_err(format!("cannot mount {}: {e}", mp.display())))?;
+            let (pages, pending) = page_store::channel();
+            let session = Session::new(
+                FuseFs::new(fs).with_page_store(pages),
+                &mp,
+                &fuse_config(opts.allow_other),
+            )
+            .map_err(|e| mount_err(format!("cannot mount {}: {e}", mp.display())))?;
+            pending
+                .start(session.notifier())
+                .map_err(Error::io("start the page store thread for", &mp))?;
             raise_readahead(&mp);
             start_signal_thread(&mp)?;
             if let Some(mut tx) = ready.take() {

@@ -20,11 +20,35 @@ pub trait ImageSource: Send + Sync {
     fn next_hole(&self, off: u64) -> Result<u64>;
     /// Bytes of data actually present (for st_blocks).
     fn allocated_bytes(&self) -> u64;
+    /// `read_at`, also pushing onto `decoded` every stored block this read decoded whole
+    /// though it wanted only part of it. The mount hands the rest of such a block to the
+    /// kernel's page cache (`fs::page_store`). Sources that decode nothing push nothing.
+    ///
+    /// # Errors
+    /// As `read_at`.
+    fn read_at_decoding(
+        &self,
+        buf: &mut [u8],
+        off: u64,
+        decoded: &mut Vec<Decoded>,
+    ) -> Result<usize> {
+        let _ = decoded;
+        self.read_at(buf, off)
+    }
     /// False once this image can no longer show its point's bytes (a checkpoint that was
     /// demoted, or whose backup committed and now lives in the store): open the point again.
     fn is_current(&self) -> bool {
         true
     }
+}
+
+/// A stored block a read decoded and checked: its bytes, and where they sit in the image.
+pub struct Decoded {
+    /// Offset of the block in the image.
+    pub off: u64,
+    /// Bytes of it inside the image (less than the block only at the end of the image).
+    pub len: usize,
+    pub bytes: std::sync::Arc<Vec<u8>>,
 }
 
 /// Whether a read of `n` bytes at `off` continues a stream whose last read ended at `last_end`

@@ -260,6 +260,18 @@ fn fadvise(fd: RawFd, off: u64, len: u64, advice: libc::c_int) -> io::Result<()>
     }
 }
 
+/// Lower the calling thread's CPU priority to the lowest (nice 19): work that is only a
+/// hint then runs on cores the threads serving requests leave idle.
+pub fn lowest_priority_for_this_thread() -> io::Result<()> {
+    // SAFETY: gettid takes no arguments; setpriority takes integers and, on Linux, applies
+    // PRIO_PROCESS with a thread id to that thread alone.
+    let rc = unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 19)
+    };
+    check(rc)
+}
+
 /// The system's memory page size (4096 where sysconf cannot say).
 pub fn page_size() -> u64 {
     // SAFETY: sysconf only reads a system setting.

@@ -264,3 +264,76 @@ fn point_images_read_exactly_in_every_pattern_and_damage_reads_as_eio() {
     assert!(!o.status.success(), "dd of a damaged image succeeded");
     eprintln!("{reads} reads checked");
 }
+
+/// Bytes of `path` in the page cache (`fincore`).
+fn resident(path: &Path) -> u64 {
+    let out = run_ok(
+        "fincore",
+        &[
+            "--bytes",
+            "--noheadings",
+            "--output",
+            "RES",
+            path.to_str().unwrap(),
+        ],
+    );
+    out.trim().parse().unwrap()
+}
+
+#[test]
+fn a_small_read_leaves_its_whole_block_in_the_page_cache() {
+    if !fuse_ok("a_small_read_leaves_its_whole_block_in_the_page_cache") {
+        return;
+    }
+    let seed = test_seed("a_small_read_leaves_its_whole_block_in_the_page_cache");
+    let mut rng = Rng(seed | 1);
+    let model = initial(&mut rng);
+    let s = Setup::new(&model);
+    let _m = s.mount();
+    s.ok(&["backup", "full"]);
+    let path = img(&s.mnt, "full");
+    let f = File::open(&path).unwrap();
+    // As `fio` and backup tools reading at random do: no kernel read-ahead, so the kernel
+    // itself asks the daemon for only the page it reads.
+    // SAFETY: a valid open fd; the advice changes only read-ahead.
+    let r = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
+    assert_eq!(r, 0, "posix_fadvise");
+    let b = (5..SIZE / BLOCK)
+        .find(|b| model[b * BLOCK..(b + 1) * BLOCK].iter().any(|&x| x != 0))
+        .unwrap();
+    let mut page = vec![0u8; 4096];
+    f.read_exact_at(&mut page, (b * BLOCK + 8192) as u64)
+        .unwrap();
+    assert!(page == model[b * BLOCK + 8192..b * BLOCK + 12288]);
+    assert_eq!(resident(&path) % 4096, 0);
+    // The daemon decoded the whole block for that page and hands the kernel the rest of it
+    // (after the reply, from a thread of its own).
+    wait_until(
+        || resident(&path) >= BLOCK as u64,
+        "the rest of the block in the page cache",
+    );
+    // What the kernel holds is the block's bytes.
+    let mut block = vec![0u8; BLOCK];
+    f.read_exact_at(&mut block, (b * BLOCK) as u64).unwrap();
+    assert!(block == model[b * BLOCK..(b + 1) * BLOCK], "block {b}");
+    // The short last block: a few bytes read inside it leave the file its size, and its tail
+    // (whose last page is partial) reads exactly.
+    let last = SIZE / BLOCK * BLOCK;
+    let before = resident(&path);
+    let mut few = [0u8; 10];
+    f.read_exact_at(&mut few, (last + 100) as u64).unwrap();
+    assert!(few[..] == model[last + 100..last + 110]);
+    wait_until(
+        || resident(&path) >= before + (SIZE - last) as u64 / 4096 * 4096,
+        "the rest of the last block in the page cache",
+    );
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), SIZE as u64);
+    let mut tail = vec![0u8; SIZE - last];
+    f.read_exact_at(&mut tail, last as u64).unwrap();
+    assert!(tail[..] == model[last..], "the last block");
+    assert_eq!(
+        f.read_at(&mut few, SIZE as u64).unwrap(),
+        0,
+        "a read past the end"
+    );
+}

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::Result;
-use crate::image::ImageSource;
+use crate::image::{Decoded, ImageSource};
 use crate::repo::Hash;
 use crate::repo::map::MapRoot;
 use crate::store::Store;
@@ -136,6 +136,15 @@ impl ImageSource for PointImage {
     }
 
     fn read_at(&self, buf: &mut [u8], off: u64) -> Result<usize> {
+        self.read_at_decoding(buf, off, &mut Vec::new())
+    }
+
+    fn read_at_decoding(
+        &self,
+        buf: &mut [u8],
+        off: u64,
+        decoded: &mut Vec<Decoded>,
+    ) -> Result<usize> {
         if off >= self.size {
             return Ok(0);
         }
@@ -147,7 +156,7 @@ impl ImageSource for PointImage {
         // through the cache, so the next small read inside the same block pays nothing.
         let bs = self.bs as usize;
         let mut whole: Vec<(Hash, &mut [u8])> = Vec::new();
-        let mut parts: Vec<(Hash, usize, &mut [u8])> = Vec::new();
+        let mut parts: Vec<(Hash, u64, usize, &mut [u8])> = Vec::new();
         let mut rest = &mut buf[..n];
         let mut pos = off;
         while !rest.is_empty() {
@@ -162,22 +171,25 @@ impl ImageSource for PointImage {
             } else if take == bs {
                 whole.push((h, dst));
             } else {
-                parts.push((h, inb, dst));
+                parts.push((h, pos - inb as u64, inb, dst));
             }
             rest = tail;
             pos += take as u64;
         }
-        for (h, inb, dst) in parts {
+        for (h, at, inb, dst) in parts {
             let block = self.data.block(&h)?;
             dst.copy_from_slice(&block[inb..inb + dst.len()]);
+            decoded.push(Decoded {
+                off: at,
+                len: block.len().min((self.size - at) as usize),
+                bytes: block,
+            });
         }
         if whole.is_empty() {
             return Ok(n);
         }
-        // Decoded on this thread: spawning scoped threads per request (to spread a large
-        // uncached read over the cores) made the S3 mount daemon livelock in parking_lot's
-        // table growth under thread churn (tests/shared_repo.rs, 2 runs in 6); read-ahead
-        // already decodes a sequential reader's blocks on the pool.
+        // Decoded on this thread: read-ahead already decodes a sequential reader's blocks on
+        // the pool, and the FUSE workers spread concurrent readers over the cores.
         self.data.repo.read_data_into(&mut whole)?;
         Ok(n)
     }

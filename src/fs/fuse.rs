@@ -20,8 +20,10 @@ use fuser::{
     TimeOrNow, WriteFlags,
 };
 
+use super::page_store::PageStore;
 use super::{Attr, Fs, Kind, Opened, ROOT_INO, SetAttr, Whence};
 use crate::error::{Error, FsKind};
+use crate::image::Decoded;
 
 /// Attributes of files and of everything below a point directory: sizes never change.
 const TTL: Duration = Duration::from_secs(1);
@@ -30,17 +32,28 @@ const ROOT_TTL: Duration = Duration::ZERO;
 
 pub struct FuseFs {
     fs: Arc<Fs>,
+    pages: Option<PageStore>,
 }
 
 impl FuseFs {
     pub fn new(fs: Arc<Fs>) -> FuseFs {
-        FuseFs { fs }
+        FuseFs { fs, pages: None }
+    }
+
+    /// Hand the rest of each block a small point read decoded to the kernel's page cache.
+    pub fn with_page_store(self, pages: PageStore) -> FuseFs {
+        FuseFs {
+            pages: Some(pages),
+            ..self
+        }
     }
 }
 
 thread_local! {
     /// One read buffer per FUSE worker thread, reused across requests.
     static BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    /// The blocks a point read decoded, per worker thread, reused across requests.
+    static DECODED: RefCell<Vec<Decoded>> = const { RefCell::new(Vec::new()) };
 }
 
 fn errno(op: &str, e: &Error) -> Errno {
@@ -244,7 +257,7 @@ impl Filesystem for FuseFs {
     fn read(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         size: u32,
@@ -256,10 +269,26 @@ impl Filesystem for FuseFs {
             if buf.len() < size as usize {
                 buf.resize(size as usize, 0);
             }
-            match self.fs.read(fh.0, offset, &mut buf[..size as usize]) {
-                Ok(n) => reply.data(&buf[..n]),
-                Err(e) => reply.error(errno("read", &e)),
-            }
+            DECODED.with_borrow_mut(|decoded| {
+                match self
+                    .fs
+                    .read_decoding(fh.0, offset, &mut buf[..size as usize], decoded)
+                {
+                    Ok(n) => {
+                        reply.data(&buf[..n]);
+                        // After the reply: the kernel fills this request's pages itself.
+                        for d in decoded.drain(..) {
+                            if let Some(p) = &self.pages {
+                                p.offer(ino.0, d, offset..offset + n as u64);
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        decoded.clear();
+                        reply.error(errno("read", &e));
+                    }
+                }
+            });
         });
     }
 

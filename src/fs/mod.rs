@@ -16,6 +16,7 @@
 //! disk never changes size (EPERM), and no write reaches a live image without the tracker.
 
 pub mod fuse;
+pub mod page_store;
 
 use std::collections::HashMap;
 use std::os::fd::AsRawFd;
@@ -29,7 +30,7 @@ use parking_lot::RwLock;
 
 use crate::engine::Engine;
 use crate::error::{Error, FsKind, Result};
-use crate::image::{ImageSource, PointList, PointSource};
+use crate::image::{Decoded, ImageSource, PointList, PointSource};
 use crate::live::LiveDisk;
 
 pub const ROOT_INO: u64 = 1;
@@ -577,6 +578,21 @@ impl Fs {
 
     /// Read into `buf`; short only at the end of the file.
     pub fn read(&self, fh: u64, off: u64, buf: &mut [u8]) -> Result<usize> {
+        self.read_decoding(fh, off, buf, &mut Vec::new())
+    }
+
+    /// `read`, also pushing onto `decoded` the stored blocks a point read decoded whole for
+    /// part of their bytes (`ImageSource::read_at_decoding`).
+    ///
+    /// # Errors
+    /// As `read`.
+    pub fn read_decoding(
+        &self,
+        fh: u64,
+        off: u64,
+        buf: &mut [u8],
+        decoded: &mut Vec<Decoded>,
+    ) -> Result<usize> {
         match self.file_handle(fh)? {
             Handle::Live(d) => d.read_at(buf, off),
             Handle::Point(ino, i) => {
@@ -584,7 +600,10 @@ impl Fs {
                     return Ok(0);
                 }
                 let n = buf.len().min((i.size() - off) as usize);
-                self.on_point(fh, ino, i, |i| i.read_at(&mut buf[..n], off))
+                self.on_point(fh, ino, i, |i| {
+                    decoded.clear();
+                    i.read_at_decoding(&mut buf[..n], off, decoded)
+                })
             }
             Handle::Dir(_) => unreachable!("file_handle returns files only"),
         }
