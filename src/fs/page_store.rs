@@ -10,7 +10,8 @@
 //! The pages go from a thread of their own, after the reply: a store waits for the lock of any
 //! page a request is filling, and a FUSE worker that waited for a store could wait for itself.
 //! The queue is bounded in bytes and a block that does not fit is dropped (it is only a hint),
-//! so a worker never blocks here and the daemon's memory stays bounded (invariant 7).
+//! so a worker never blocks here and the daemon's memory stays bounded (invariant 7): at most
+//! 4 MiB queued, plus the one block being stored.
 
 use std::collections::VecDeque;
 use std::ops::Range;
@@ -143,6 +144,10 @@ fn pieces(off: u64, len: u64, read: &Range<u64>, page: u64) -> Vec<Range<u64>> {
     let end = off + len;
     let first = off.next_multiple_of(page);
     let last = end - end % page;
+    if first >= last {
+        // No whole page inside the block (blocks smaller than a page, or a short last block).
+        return Vec::new();
+    }
     let before = first..(read.start - read.start % page).clamp(first, last);
     let after = read.end.next_multiple_of(page).clamp(first, last)..last;
     [before, after]
@@ -184,6 +189,9 @@ mod tests {
         // The last block of an image whose size is not a page multiple: the partial page is
         // left to the kernel (a store may not reach past the end of the file).
         assert_eq!(pieces(b, 10000, &(b..b + 10), P), vec![b + 4096..b + 8192]);
+        // Pages larger than the block (4 KiB blocks on a 64 KiB-page kernel): nothing whole.
+        assert!(pieces(8192, 4096, &(8192..8200), 65536).is_empty());
+        assert!(pieces(65536, 4096, &(65536..65600), 65536).is_empty());
     }
 
     #[test]
