@@ -307,6 +307,18 @@ fn fetcher(weak: Weak<Inner>, queue: Arc<Queue>) {
     }
 }
 
+/// A segment under fetch: taken off the fetching set when dropped, even by a panic, so that
+/// no reader (or a drop joining the fetchers) waits for it forever.
+struct Fetching<'a>(&'a Inner, &'a str);
+
+impl Drop for Fetching<'_> {
+    fn drop(&mut self) {
+        let mut st = self.0.state.lock();
+        st.fetching.remove(self.1);
+        self.0.fetched.notify_all();
+    }
+}
+
 impl Inner {
     fn path(&self, key: &str) -> PathBuf {
         self.dir.join(file_name(key))
@@ -380,11 +392,10 @@ impl Inner {
                             continue;
                         }
                     }
-                    let r = self.fetch(name, seg, &k);
-                    let mut st = self.state.lock();
-                    st.fetching.remove(&k);
-                    self.fetched.notify_all();
-                    drop(st);
+                    let r = {
+                        let _fetching = Fetching(self, &k);
+                        self.fetch(name, seg, &k)
+                    };
                     let bytes = r?;
                     let Some((from, to)) = want else {
                         return Ok(Vec::new());
