@@ -1,11 +1,13 @@
 //! A hung mount must fail the suite, not hang it. A test that reads a mount in its own process
 //! waits in the kernel for the daemon's answer, and no `timeout` around a client command can
 //! reach it; a daemon that never answers (a livelock, a deadlock) would hold the whole run.
-//! The first FUSE check of a test binary starts one watchdog thread: if the binary is still
-//! running after `VMREF_TEST_WATCHDOG_SECS` (600 unless set), it aborts the FUSE connection of
-//! every mount under the temp dir and kills their daemons, so the blocked reads fail with
-//! ENOTCONN and the tests report; a minute later it ends the process if it is still there.
-//! cargo runs one test binary at a time, so the mounts under the temp dir are this binary's.
+//! The first FUSE check of a test binary starts one watchdog thread. Once the binary has run
+//! for `VMREF_TEST_WATCHDOG_SECS` (600 unless set; the slowest binary takes under a minute),
+//! it looks every 10 s for vmref mounts under the temp dir with requests waiting in two looks
+//! in a row, aborts their FUSE connections and kills their daemons, so the blocked reads fail
+//! with ECONNABORTED and the tests report; a minute after an abort it ends the process if it
+//! is still there. It assumes the vmref mounts under the temp dir are this run's (cargo runs
+//! one test binary at a time): do not run two test suites on one host past the deadline.
 
 use std::path::{Path, PathBuf};
 use std::sync::Once;
@@ -35,28 +37,69 @@ fn say(line: &str) {
 
 fn watch(secs: u64) {
     std::thread::sleep(Duration::from_secs(secs));
-    let mounts = fuse_mounts_under(&std::env::temp_dir());
-    say(&format!(
-        "WATCHDOG: this test binary is still running after {secs} s; aborting {} FUSE mount(s) \
-         under the temp dir and killing their daemons: {mounts:?}",
-        mounts.len()
-    ));
-    for (conn, mnt) in &mounts {
-        abort_connection(*conn);
-        kill_daemons_of(mnt);
+    mount_fusectl();
+    let mut waited_before: Vec<u32> = Vec::new();
+    loop {
+        let waiting: Vec<(u32, PathBuf)> = vmref_mounts_under(&temp_dir())
+            .into_iter()
+            .filter(|(conn, _)| requests_waiting(*conn) > 0)
+            .collect();
+        let hung: Vec<&(u32, PathBuf)> = waiting
+            .iter()
+            .filter(|(c, _)| waited_before.contains(c))
+            .collect();
+        if !hung.is_empty() {
+            say(&format!(
+                "WATCHDOG: this test binary is still running after {secs} s, and these mounts \
+                 had requests waiting 10 s apart; aborting them and killing their daemons: {hung:?}"
+            ));
+            for (conn, mnt) in &hung {
+                abort_connection(*conn);
+                kill_daemons_of(mnt);
+            }
+            std::thread::sleep(Duration::from_secs(60));
+            say("WATCHDOG: still running a minute after the abort; exiting");
+            std::process::exit(101);
+        }
+        waited_before = waiting.into_iter().map(|(c, _)| c).collect();
+        std::thread::sleep(Duration::from_secs(10));
     }
-    std::thread::sleep(Duration::from_secs(60));
-    say("WATCHDOG: still running a minute after the abort; exiting");
-    std::process::exit(101);
 }
 
-/// `(connection number, mount point)` of each FUSE mount below `dir`, from mountinfo.
-fn fuse_mounts_under(dir: &Path) -> Vec<(u32, PathBuf)> {
+fn temp_dir() -> PathBuf {
+    let t = std::env::temp_dir();
+    std::fs::canonicalize(&t).unwrap_or(t)
+}
+
+const FUSECTL: &str = "/sys/fs/fuse/connections";
+
+/// Mount fusectl where it is not (it is how a connection's requests are counted and aborted).
+fn mount_fusectl() {
+    let mounted = std::fs::read_dir(FUSECTL).is_ok_and(|mut d| d.next().is_some());
+    if !mounted {
+        let _ = std::process::Command::new("mount")
+            .args(["-t", "fusectl", "none", FUSECTL])
+            .status();
+    }
+}
+
+/// Requests of a FUSE connection the daemon has not answered yet (0 where fusectl cannot say).
+fn requests_waiting(conn: u32) -> u64 {
+    std::fs::read_to_string(Path::new(FUSECTL).join(conn.to_string()).join("waiting"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// `(connection number, mount point)` of each vmref mount below `dir`, from mountinfo.
+fn vmref_mounts_under(dir: &Path) -> Vec<(u32, PathBuf)> {
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     info.lines()
         .filter_map(|line| {
             let (left, right) = line.split_once(" - ")?;
-            if !right.starts_with("fuse") {
+            // "fuse vmref ...": the type, then the source every vmref mount names itself by.
+            let mut r = right.split(' ');
+            if r.next()? != "fuse" || r.next()? != "vmref" {
                 return None;
             }
             let f: Vec<&str> = left.split(' ').collect();
@@ -73,23 +116,16 @@ fn fuse_mounts_under(dir: &Path) -> Vec<(u32, PathBuf)> {
         .collect()
 }
 
-/// Abort a FUSE connection through fusectl (mounted here first if it is not).
+/// Abort a FUSE connection through fusectl.
 fn abort_connection(conn: u32) {
-    let ctl = Path::new("/sys/fs/fuse/connections");
-    if !ctl.join(conn.to_string()).exists() {
-        let _ = std::process::Command::new("mount")
-            .args(["-t", "fusectl", "none"])
-            .arg(ctl)
-            .status();
-    }
-    if let Err(e) = std::fs::write(ctl.join(conn.to_string()).join("abort"), "1") {
+    if let Err(e) = std::fs::write(Path::new(FUSECTL).join(conn.to_string()).join("abort"), "1") {
         say(&format!(
             "WATCHDOG: cannot abort FUSE connection {conn}: {e}"
         ));
     }
 }
 
-/// Kill every process whose command line names `mnt`: the daemon serving it.
+/// Kill every vmref process whose command line names `mnt`: the daemon serving it.
 fn kill_daemons_of(mnt: &Path) {
     let want = mnt.as_os_str().as_encoded_bytes();
     let me = std::process::id().to_string();
@@ -104,7 +140,9 @@ fn kill_daemons_of(mnt: &Path) {
         let Ok(cmd) = std::fs::read(p.path().join("cmdline")) else {
             continue;
         };
-        if cmd.split(|&b| b == 0).any(|arg| arg == want) {
+        let vmref = std::fs::read_link(p.path().join("exe"))
+            .is_ok_and(|e| e.file_name().is_some_and(|n| n == "vmref"));
+        if vmref && cmd.split(|&b| b == 0).any(|arg| arg == want) {
             let _ = std::process::Command::new("kill")
                 .args(["-9", &pid])
                 .status();
