@@ -45,6 +45,7 @@ DEPTHS="1 20 100"
 DATA=${DATA:-half}          # the data disk's bytes: half (each 4 KiB half random, half zeros) or random
 COMPRESSION=${COMPRESSION:-}   # the data disk's store: vmref init --compression (empty: vmref's default)
 RAND_RUNTIME=1   # s per random-read job: QD1 4 KiB reads give tens of thousands of samples
+RAND_REGION=$((DISK < (1 << 30) ? DISK / 4 : 256 << 20))   # bytes a random-order pass reads, every page once
 EXT=$((64 << 10))
 T_START=$(date +%s)
 
@@ -112,7 +113,7 @@ fio_bw() {
     local timed=()
     [ "${6:-0}" = 1 ] && timed=(--time_based --runtime="$RUNTIME")
     fio --name=b --filename="$1" --rw="$2" --bs="$3" --direct="$4" --invalidate="$5" \
-        --ioengine=psync --size="$(stat -L -c %s "$1")" --fallocate=none --randrepeat=0 \
+        --ioengine=psync --size="${SIZE:-$(stat -L -c %s "$1")}" --fallocate=none --randrepeat=0 \
         "${timed[@]}" --output-format=json |
         python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]; print(j["read"]["bw_bytes"]+j["write"]["bw_bytes"])'
 }
@@ -242,7 +243,7 @@ TARGETS="raw keep direct p1 n1$PTS"
 [ $PT_OK = 1 ] && TARGETS="raw keep direct pt p1 n1$PTS"
 for st in "$S" "$SN"; do find "$st" -path "$st/track" -prune -o -type f -exec cat {} + > /dev/null; done
 cat "$IMG" > /dev/null   # warm: the raw file and every stored file (repo/ packs, indexes) in the page cache
-declare -A DD1 DD2 FSEQ FRND
+declare -A DD1 DD2 FSEQ FRND FRNDW
 log "point reads: $REPS repetitions of dd 1 MiB (first read, re-read), fio seq 1 MiB, fio rand 4 KiB"
 for _ in $(seq "$REPS"); do
     for t in $TARGETS; do
@@ -253,10 +254,14 @@ for _ in $(seq "$REPS"); do
         DD2[$t]+="$(dd_bw "$f") "
         FSEQ[$t]+="$(fio_bw "$f" read 1M 0 "$inv") "
         FRND[$t]+="$(RUNTIME=$RAND_RUNTIME fio_bw "$f" randread 4k 0 "$inv" 1) "
+        # Every page of a region once, in random order (fio's random map): how a tool reading
+        # an image in small pieces goes through it. Blocks are revisited, unlike the 1 s run.
+        [ $inv = 1 ] && drop_fuse_cache "$f"
+        FRNDW[$t]+="$(SIZE=$RAND_REGION fio_bw "$f" randread 4k 0 "$inv") "
     done
 done
 m() { local -n arr=$1; median ${arr[$2]}; }
-for what in DD1 DD2 FSEQ FRND; do
+for what in DD1 DD2 FSEQ FRND FRNDW; do
     case $what in
         # First sequential reads: >= 0.7x the FUSE limit with default compression (they
         # decompress), >= 0.9x with compression none (store format v2 targets).
@@ -264,6 +269,7 @@ for what in DD1 DD2 FSEQ FRND; do
         DD2) label="seq read dd 1 MiB, re-read (page cache)"; tgt="r>=0.9"; tgtn="r>=0.9" ;;
         FSEQ) label="seq read fio 1 MiB, first read"; tgt="r>=0.7,v>=3e9"; tgtn="r>=0.9" ;;
         FRND) label="rand read fio 4 KiB QD1, first read"; tgt="r>=0.9"; tgtn="r>=0.9" ;;
+        FRNDW) label="rand read fio 4 KiB QD1, every page of $((RAND_REGION >> 20)) MiB once, first read"; tgt="r>=0.9"; tgtn="r>=0.9" ;;
     esac
     keep=$(m $what keep)
     comp="default compression"; [ -n "$COMPRESSION" ] && comp="compression $COMPRESSION"
