@@ -392,15 +392,21 @@ impl LiveDisk {
 
     /// Sync the image and return its identity, for a tracker flush. Writers must be quiesced.
     pub fn synced_identity(&self) -> Result<Identity> {
-        self.file
-            .sync_all()
-            .map_err(Error::io("fsync", &self.image))?;
+        self.sync_all()?;
         self.identity()
     }
 
+    /// fsync of the image, data and metadata.
+    pub fn sync_all(&self) -> Result<()> {
+        self.file
+            .sync_all()
+            .map_err(Error::io("fsync", &self.image))
+    }
+
     /// The identity of the open image, not of its path: if the path was renamed over, the
-    /// next open sees another inode and knows tracking does not cover it.
-    fn identity(&self) -> Result<Identity> {
+    /// next open sees another inode and knows tracking does not cover it. A sync moves none
+    /// of its times, so it may be taken before one that writers, quiesced, wait for.
+    pub fn identity(&self) -> Result<Identity> {
         let m = self
             .file
             .metadata()

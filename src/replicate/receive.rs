@@ -618,7 +618,7 @@ impl Receiver {
 
     /// The point's record, once every disk is done.
     fn record(&self, store: &Store, h: &StreamHeader, stored_bytes: u64) -> Result<RefRecord> {
-        let serial = store.refs()?.iter().map(|r| r.serial).max().unwrap_or(0) + 1;
+        let serial = store.next_serial()?;
         let incremental = h.disks.iter().any(|d| d.incremental);
         Ok(RefRecord {
             name: h.point.name.clone(),

@@ -24,6 +24,7 @@ pub struct TempFile {
     tmp: PathBuf,
     target: PathBuf,
     file: Option<File>,
+    synced: bool,
 }
 
 impl TempFile {
@@ -44,6 +45,7 @@ impl TempFile {
             tmp,
             target: target.to_path_buf(),
             file: Some(file),
+            synced: false,
         })
     }
 
@@ -60,10 +62,23 @@ impl TempFile {
         f.write_all(bytes).map_err(Error::io("write", &self.tmp))
     }
 
-    /// fsync, rename over the target, fsync the directory.
+    /// fsync now, after the last write, so that `commit` has only the name left to make
+    /// durable: a caller that must wait for other syncs before the target may appear runs
+    /// this one beside them.
+    pub fn sync(&mut self) -> Result<()> {
+        self.file()
+            .sync_all()
+            .map_err(Error::io("fsync", &self.tmp))?;
+        self.synced = true;
+        Ok(())
+    }
+
+    /// fsync (unless `sync` did), rename over the target, fsync the directory.
     pub fn commit(mut self) -> Result<()> {
         let file = self.file.take().expect("commit once");
-        file.sync_all().map_err(Error::io("fsync", &self.tmp))?;
+        if !self.synced {
+            file.sync_all().map_err(Error::io("fsync", &self.tmp))?;
+        }
         drop(file);
         fs::rename(&self.tmp, &self.target).map_err(Error::io("rename", &self.tmp))?;
         self.tmp = PathBuf::new();

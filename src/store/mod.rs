@@ -74,6 +74,10 @@ pub const STORE_FORMAT: u32 = 2;
 pub struct Store {
     root: PathBuf,
     meta: StoreMeta,
+    /// The highest point serial this process has read, assigned or written, once it needed
+    /// one (`next_serial`); shared by clones. Every writer of point records holds the store
+    /// lock, so none changes behind it.
+    serial: std::sync::Arc<parking_lot::Mutex<Option<u64>>>,
 }
 
 /// Parse "64K", "1M", "65536" into bytes and check the allowed range.
@@ -200,6 +204,7 @@ impl Store {
         Ok(Store {
             root: root.to_path_buf(),
             meta,
+            serial: Default::default(),
         })
     }
 
@@ -249,6 +254,7 @@ impl Store {
         Ok(Store {
             root: root.to_path_buf(),
             meta,
+            serial: Default::default(),
         })
     }
 

@@ -200,11 +200,44 @@ impl Store {
         Ok(v)
     }
 
+    /// The serial for a new point: one above every point's. One scan of the records finds the
+    /// highest; after it this process keeps it (store lock: no other writes records), so
+    /// making a point costs the same beside ten points or ten thousand. A serial handed out
+    /// for a point that then fails is simply skipped.
+    pub fn next_serial(&self) -> Result<u64> {
+        let mut hi = self.serial.lock();
+        let top = match *hi {
+            Some(s) => s,
+            None => self.refs()?.iter().map(|r| r.serial).max().unwrap_or(0),
+        };
+        *hi = Some(top + 1);
+        Ok(top + 1)
+    }
+
+    /// Keep `next_serial` above a record written with a serial it did not hand out.
+    fn note_serial(&self, serial: u64) {
+        if let Some(hi) = self.serial.lock().as_mut() {
+            *hi = (*hi).max(serial);
+        }
+    }
+
     pub fn write_ref(&self, rec: &RefRecord) -> Result<()> {
+        self.note_serial(rec.serial);
         atomic::write_atomic(
             &self.ref_path(&rec.name),
             &format::encode(format::REF_RECORD, rec),
         )
+    }
+
+    /// A point's record written and synced under a temp name, for a caller that overlaps this
+    /// sync with the others a new point needs; `commit` on the result publishes it. Dropped
+    /// uncommitted, it leaves nothing.
+    pub fn stage_ref(&self, rec: &RefRecord) -> Result<atomic::TempFile> {
+        self.note_serial(rec.serial);
+        let mut tmp = atomic::TempFile::new(&self.ref_path(&rec.name))?;
+        tmp.write_all(&format::encode(format::REF_RECORD, rec))?;
+        tmp.sync()?;
+        Ok(tmp)
     }
 
     pub fn remove_ref_record(&self, name: &str) -> Result<()> {
@@ -253,6 +286,66 @@ mod tests {
         assert_eq!(s.read_ref("a").unwrap().disks["disk0"].seq, 2);
         s.remove_ref_record("a").unwrap();
         assert!(matches!(s.read_ref("a"), Err(Error::NoSuchRef(_))));
+    }
+
+    /// A point's staged record is no point until committed, and leaves nothing when dropped:
+    /// the engine stages it beside the tracker's flush and publishes it only after.
+    #[test]
+    fn a_staged_ref_exists_only_once_committed() {
+        let (_d, s) = store();
+        let rec = |name: &str| RefRecord {
+            name: name.to_string(),
+            id: crate::store::random_id().unwrap(),
+            serial: 1,
+            created_unix: 5,
+            owner: None,
+            state: RefState::Plain,
+            disks: BTreeMap::new(),
+            backup: None,
+            origin: None,
+        };
+        let dropped = s.stage_ref(&rec("gone")).unwrap();
+        assert!(dropped.path().exists());
+        assert!(s.refs().unwrap().is_empty());
+        drop(dropped);
+        let kept = s.stage_ref(&rec("kept")).unwrap();
+        assert!(matches!(s.read_ref("kept"), Err(Error::NoSuchRef(_))));
+        kept.commit().unwrap();
+        let names: Vec<_> = s.refs().unwrap().into_iter().map(|r| r.name).collect();
+        assert_eq!(names, ["kept"]);
+        let left: Vec<_> = fs::read_dir(s.ref_path("kept").parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, [std::ffi::OsString::from("kept.ref")]);
+    }
+
+    /// Serials stay above every point's once remembered: records written with serials handed
+    /// out elsewhere (a received or upgraded point) move the remembered one, and a store
+    /// opened again scans for it.
+    #[test]
+    fn next_serial_stays_above_every_point() {
+        let (d, s) = store();
+        let rec = |name: &str, serial: u64| RefRecord {
+            name: name.to_string(),
+            id: crate::store::random_id().unwrap(),
+            serial,
+            created_unix: 5,
+            owner: None,
+            state: RefState::Plain,
+            disks: BTreeMap::new(),
+            backup: None,
+            origin: None,
+        };
+        s.write_ref(&rec("old", 4)).unwrap();
+        assert_eq!(s.next_serial().unwrap(), 5);
+        assert_eq!(s.clone().next_serial().unwrap(), 6, "clones share it");
+        s.write_ref(&rec("received", 9)).unwrap();
+        assert_eq!(s.next_serial().unwrap(), 10);
+        s.stage_ref(&rec("staged", 12)).unwrap().commit().unwrap();
+        assert_eq!(s.next_serial().unwrap(), 13);
+        let again = Store::open(&d.path().join("s")).unwrap();
+        assert_eq!(again.next_serial().unwrap(), 13);
     }
 
     #[test]

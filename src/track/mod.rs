@@ -708,13 +708,21 @@ impl Tracker {
     /// Record a reference point: flush with the next number already in the header, then
     /// advance. Returns the number the point holds. Writers must be quiesced.
     pub fn advance(&mut self, id: Identity) -> Result<u32> {
+        let seq = self.bump(id)?;
+        self.flush(id)?;
+        Ok(seq)
+    }
+
+    /// The first half of `advance`, in memory only: the point's number, with the next one in
+    /// the header. Nothing may claim the number durably until `flush(id)` returns; a caller
+    /// that splits the two overlaps the flush with other syncs of the same point. On failure
+    /// of either half nothing durable claims the new number, and a later point skips it.
+    pub fn bump(&mut self, id: Identity) -> Result<u32> {
         // Before the number moves: a write that bypassed the mount happened before this point,
         // so the point itself is where exact tracking starts again.
         self.check_outside_write(id)?;
         let seq = self.header.current_seq;
         self.header.current_seq = seq + 1;
-        // On failure nothing durable claims the new number; a later point simply skips it.
-        self.flush(id)?;
         Ok(seq)
     }
 
