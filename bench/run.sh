@@ -36,10 +36,10 @@ done
 want() { case " $SECTIONS " in *" $1 "*) return 0 ;; esac; return 1; }
 if [ $QUICK = 1 ]; then
     SPACE_DISK=${SPACE_DISK:-$((64 << 20))}; SPACE_FILES=${SPACE_FILES:-$((20 << 20))}; SCALE_BIG=${SCALE_BIG:-$GIB}
-    REP_DISK=${REP_DISK:-$((128 << 20))}; S3_DISK=${S3_DISK:-$((32 << 20))}
+    REP_DISK=${REP_DISK:-$((128 << 20))}; S3_DISK=${S3_DISK:-$((32 << 20))}; MANY_POINTS=${MANY_POINTS:-50}
 else
     SPACE_DISK=${SPACE_DISK:-$((2 * GIB))}; SPACE_FILES=${SPACE_FILES:-$((1126 << 20))}; SCALE_BIG=${SCALE_BIG:-$((1024 * GIB))}
-    REP_DISK=${REP_DISK:-$((4 * GIB))}; S3_DISK=${S3_DISK:-$((512 << 20))}
+    REP_DISK=${REP_DISK:-$((4 * GIB))}; S3_DISK=${S3_DISK:-$((512 << 20))}; MANY_POINTS=${MANY_POINTS:-1000}
 fi
 DEPTHS="1 20 100"
 DATA=${DATA:-half}          # the data disk's bytes: half (each 4 KiB half random, half zeros) or random
@@ -487,6 +487,15 @@ for which in small big; do
             conv=notrunc,fsync status=none
         CR[$which]+="$(secs "$V" -q --store "$s" ref create "c$i") "
     done
+    if [ $which = small ]; then
+        # The same beside many points: a point is a record, and making one must not read them all.
+        for i in $(seq "$MANY_POINTS"); do "$V" -q --store "$s" ref create "m$i" >/dev/null; done
+        for i in $(seq 7); do
+            dd if=/dev/urandom of="$WORK/$which/mnt/live/big.img" bs=64k count=16 seek=$((i * 1000)) \
+                conv=notrunc,fsync status=none
+            CR[many]+="$(secs "$V" -q --store "$s" ref create "d$i") "
+        done
+    fi
     pid=$(daemon_pid "$s")
     HWM[$which]=$(awk '/VmHWM/ { print $2 * 1024 }' "/proc/$pid/status")
     "$V" -q --store "$s" umount "$WORK/$which/mnt"
@@ -494,6 +503,7 @@ done
 BIGN="$((BIG >> 30)) GiB"
 rec meta "point creation (ref create via the daemon), 1 GiB sparse disk" "$(median ${CR[small]})" s "" "" "v<0.005"
 rec meta "point creation (ref create via the daemon), $BIGN sparse disk" "$(median ${CR[big]})" s "1 GiB disk" "$(median ${CR[small]})" "v<0.005"
+rec meta "point creation beside $MANY_POINTS points, 1 GiB sparse disk" "$(median ${CR[many]})" s "beside 1-7 points" "$(median ${CR[small]})" "v<0.005,r<=1.2"
 rec meta "changes --since p0 --json, $BIGN sparse disk, 1 % of blocks changed ($(wc -l < "$WORK/plan.big") extents)" "$(median ${CH[big]})" s "" "" "v<0.1"
 rec meta "daemon RSS, $BIGN sparse disk mounted, 1 % of blocks changed (every tracking region allocated)" "${RSS[big]}" B "same daemon, 1 GiB disk" "${RSS[small]}" ""
 tracker=$(python3 -c "print(max(0, ${RSS[big]} - ${RSS[small]}) * $((1024 * GIB)) / $BIG)")
